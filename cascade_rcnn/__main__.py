@@ -1,0 +1,3 @@
+from cascade_rcnn.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,42 @@
+"""The `cascade-rcnn` command line.
+
+Each subcommand lives in `cascade_rcnn/commands/<name>.py` and exposes `HELP` (one line), `add_arguments(parser)` and
+`run(args) -> int` (the exit code). Errors caused by user input (`CascadeRCNNError`) are printed on one line, without a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from cascade_rcnn.errors import CascadeRCNNError
+
+# Subcommand name -> module under cascade_rcnn.commands.
+COMMANDS = {
+    "predict": "predict",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cascade-rcnn", description="Cascade R-CNN object detection in PyTorch.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(f"cascade_rcnn.commands.{module_name}")
+        command_parser = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(command_parser)
+        command_parser.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except CascadeRCNNError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
