@@ -16,6 +16,7 @@ from cascade_rcnn.errors import CascadeRCNNError
 # Subcommand name -> module under cascade_rcnn.commands.
 COMMANDS = {
     "predict": "predict",
+    "eval": "eval",
 }
 
 

@@ -1,0 +1,127 @@
+"""The Python API: `Detector`.
+
+    det = Detector.from_weights("model.safetensors")       # any weights file the project reads, or a known name
+    det = Detector(preset="cascade_rcnn_r50_fpn", num_classes=3)   # untrained
+    result = det.predict("image.jpg")                       # Detections, boxes in original pixels
+    results = det.predict([img_a, img_b], batch_size=2)     # list of Detections
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from cascade_rcnn.config import ModelConfig, get_preset
+from cascade_rcnn.data.image_io import load_image, to_rgb
+from cascade_rcnn.errors import CascadeRCNNError
+from cascade_rcnn.model import CascadeRCNN, build_model
+from cascade_rcnn.structures import Detections
+from cascade_rcnn.weights import LoadReport, load_checkpoint, load_into_model, save_weights
+
+ImageInput = Union[str, Path, Image.Image, np.ndarray, Tensor]
+
+__all__ = ["Detector", "Detections", "to_tensor_image"]
+
+
+class Detector:
+    """A Cascade R-CNN detector with its class names, ready for inference."""
+
+    def __init__(
+        self,
+        preset: str = "cascade_rcnn_r50_fpn",
+        *,
+        config: ModelConfig | None = None,
+        device: str | torch.device = "cpu",
+        **overrides: Any,
+    ) -> None:
+        self.config = config if config is not None else get_preset(preset, **overrides)
+        self.preset = preset
+        self.device = torch.device(device)
+        self.model: CascadeRCNN = build_model(self.config).to(self.device).eval()
+        self.load_report: LoadReport | None = None
+
+    @classmethod
+    def from_weights(
+        cls, weights: str | Path, *, device: str | torch.device = "cpu", preset: str | None = None
+    ) -> Detector:
+        """Build the detector a weights file describes and load it (safetensors, mmdetection .pth, detectron2 .pkl,
+        MindSpore .ckpt, or a known weights name such as `mindspore-coco`). `preset` overrides the file's own."""
+        path = resolve_weights(weights)
+        checkpoint = load_checkpoint(path, preset)
+        detector = cls(checkpoint.preset or "cascade_rcnn_r50_fpn", config=checkpoint.config, device=device)
+        detector.load_report = load_into_model(detector.model, checkpoint.state_dict, skipped=checkpoint.skipped)
+        return detector
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.config.names
+
+    def save(self, path: str | Path) -> Path:
+        """Write a safetensors file that `Detector.from_weights` can rebuild this detector from."""
+        return save_weights(self.model, self.config, path, self.preset)
+
+    def predict(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        *,
+        batch_size: int = 1,
+        score_thresh: float | None = None,
+        return_stages: bool = False,
+    ) -> Detections | list[Detections]:
+        """Detect objects. Takes one image or a list: paths, PIL images, (H, W, 3) uint8 RGB arrays or (3, H, W)
+        RGB tensors in 0-255. A single image gives one `Detections`, a list gives a list. Boxes are in the pixels of
+        the image as given (EXIF orientation applied for files). `score_thresh` filters above the model's own."""
+        single = not isinstance(images, (list, tuple))
+        items = [images] if single else list(images)
+        results: list[Detections] = []
+        for start in range(0, len(items), max(batch_size, 1)):
+            tensors = [to_tensor_image(x).to(self.device) for x in items[start : start + batch_size]]
+            with torch.inference_mode():
+                outputs = self.model.predict(tensors, return_stages=return_stages)
+            for det in outputs:
+                det = det.to("cpu").with_class_names(self.class_names)
+                if score_thresh is not None:
+                    det = det.filter(score_thresh)
+                    if det.stages is not None:
+                        det.stages = [s.filter(score_thresh) for s in det.stages]
+                results.append(det)
+        return results[0] if single else results
+
+
+def to_tensor_image(image: ImageInput) -> Tensor:
+    """Any supported image input -> (3, H, W) float32 RGB tensor in 0-255. Inputs are never modified."""
+    if isinstance(image, (str, Path)):
+        image = load_image(image)
+    if isinstance(image, Image.Image):
+        image = np.asarray(to_rgb(image))
+    if isinstance(image, np.ndarray):
+        if image.ndim == 2:
+            image = np.repeat(image[:, :, None], 3, axis=2)
+        if image.ndim != 3 or image.shape[2] not in (3, 4):
+            raise CascadeRCNNError(f"expected an (H, W, 3) image array, got shape {image.shape}")
+        return torch.from_numpy(np.ascontiguousarray(image[:, :, :3], dtype=np.float32)).permute(2, 0, 1)
+    if isinstance(image, Tensor):
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise CascadeRCNNError(f"expected a (3, H, W) image tensor, got shape {tuple(image.shape)}")
+        return image.float()  # .float() copies integer tensors; float32 inputs are read, never written
+    raise CascadeRCNNError(f"unsupported image input of type {type(image).__name__}")
+
+
+def resolve_weights(weights: str | Path) -> Path:
+    """A local path as is; otherwise a known weights name, fetched (and verified) into the cache."""
+    path = Path(weights)
+    if path.exists():
+        return path
+    try:
+        from cascade_rcnn.download import KNOWN_WEIGHTS, fetch_weights
+    except ImportError:
+        KNOWN_WEIGHTS = {}
+    if str(weights) in KNOWN_WEIGHTS:
+        return fetch_weights(str(weights))
+    known = ", ".join(sorted(KNOWN_WEIGHTS)) or "none"
+    raise CascadeRCNNError(f"{weights}: no such weights file, and not a known weights name (known: {known})")

@@ -1,0 +1,70 @@
+"""ResNet / ResNeXt backbone from torchvision with frozen batch norm; returns C2..C5.
+
+Parameter names are torchvision's (`conv1`, `bn1`, `layer{1..4}.{i}.conv{1,2,3}`, `...downsample.{0,1}`), which are
+also mmdetection's. Batch norm is always frozen (running statistics and affine as buffers), as in every peer's
+detection training at small per-GPU batch sizes.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.resnet import Bottleneck, ResNet
+from torchvision.ops import FrozenBatchNorm2d
+
+LAYERS = {50: [3, 4, 6, 3], 101: [3, 4, 23, 3]}
+
+
+class TFSamePool(nn.Module):
+    """3x3 stride-2 max-pool with TensorFlow 'SAME' padding (extra padding at the bottom/right), as MindSpore's."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2:]
+        pad_h = max((-(-h // 2) - 1) * 2 + 3 - h, 0)
+        pad_w = max((-(-w // 2) - 1) * 2 + 3 - w, 0)
+        x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2], value=float("-inf"))
+        return F.max_pool2d(x, 3, 2)
+
+
+class ResNetBackbone(nn.Module):
+    out_channels = (256, 512, 1024, 2048)
+    strides = (4, 8, 16, 32)
+
+    def __init__(
+        self,
+        depth: int = 50,
+        groups: int = 1,
+        width_per_group: int = 64,
+        frozen_stages: int = 1,
+        bn_eps: float = 1e-5,
+        stride_in_1x1: bool = False,
+        stem_pool: str = "pad1",
+    ) -> None:
+        super().__init__()
+        net = ResNet(
+            Bottleneck,
+            LAYERS[depth],
+            groups=groups,
+            width_per_group=width_per_group,
+            norm_layer=lambda c: FrozenBatchNorm2d(c, eps=bn_eps),
+        )
+        self.conv1, self.bn1, self.relu = net.conv1, net.bn1, net.relu
+        self.maxpool = TFSamePool() if stem_pool == "tf_same" else net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        if stride_in_1x1:
+            # MSRA/detectron2 blocks downsample in the first 1x1 conv instead of the 3x3 conv.
+            for layer in (self.layer2, self.layer3, self.layer4):
+                layer[0].conv1.stride, layer[0].conv2.stride = (2, 2), (1, 1)
+        frozen = [self.conv1] + [self.layer1, self.layer2, self.layer3, self.layer4][:frozen_stages]
+        for module in frozen if frozen_stages >= 0 else []:
+            for p in module.parameters():
+                p.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """(B, 3, H, W) normalised images -> [C2, C3, C4, C5] at strides 4, 8, 16, 32."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        c2 = self.layer1(x)
+        c3 = self.layer2(c2)
+        c4 = self.layer3(c3)
+        c5 = self.layer4(c4)
+        return [c2, c3, c4, c5]

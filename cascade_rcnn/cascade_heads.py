@@ -1,0 +1,234 @@
+"""The cascade: three box heads trained at increasing IoU, each refining the previous stage's boxes.
+
+Class axis convention (one place, pinned by a test): a stage's classification logits are (N, num_classes + 1) with
+**background in the last column** (index num_classes), as mmdetection and detectron2 store their weights. Labels
+0..num_classes-1 are the foreground classes; `num_classes` itself means background.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cascade_rcnn.box_coder import BoxCoder
+from cascade_rcnn.matcher import BACKGROUND, Matcher, sample_indices
+from cascade_rcnn.roi_align import MultiScaleRoIAlign
+
+
+class BoxHead(nn.Module):
+    """One stage: flatten (N, C, 7, 7) -> fc -> ReLU -> fc -> ReLU -> class logits (N, K + 1) and deltas.
+
+    Deltas are (N, 4) when class-agnostic, else (N, 4 * num_reg_classes).
+    """
+
+    def __init__(self, in_features: int, fc_dim: int, num_classes: int, num_reg_classes: int) -> None:
+        super().__init__()
+        self.shared_fcs = nn.ModuleList([nn.Linear(in_features, fc_dim), nn.Linear(fc_dim, fc_dim)])
+        self.fc_cls = nn.Linear(fc_dim, num_classes + 1)
+        self.fc_reg = nn.Linear(fc_dim, 4 * num_reg_classes)
+        for fc in self.shared_fcs:
+            nn.init.xavier_uniform_(fc.weight)
+            nn.init.zeros_(fc.bias)
+        nn.init.normal_(self.fc_cls.weight, std=0.01)
+        nn.init.normal_(self.fc_reg.weight, std=0.001)
+        nn.init.zeros_(self.fc_cls.bias)
+        nn.init.zeros_(self.fc_reg.bias)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = x.flatten(1)
+        for fc in self.shared_fcs:
+            x = F.relu(fc(x))
+        return self.fc_cls(x), self.fc_reg(x)
+
+
+class CascadeROIHeads(nn.Module):
+    def __init__(
+        self,
+        roi_align: MultiScaleRoIAlign,
+        box_heads: list[BoxHead],
+        box_coders: list[BoxCoder],
+        matchers: list[Matcher],
+        num_classes: int,
+        batch_size_per_image: int = 512,
+        positive_fraction: float = 0.25,
+        add_gt_as_proposals: bool = True,
+        stage_loss_weights: tuple[float, ...] = (1.0, 0.5, 0.25),
+        smooth_l1_beta: float = 1.0,
+        score_ensemble: Literal["mean_logits", "mean_probs", "last"] = "mean_logits",
+        refine_class: Literal["label", "argmax_with_background"] = "label",
+    ) -> None:
+        super().__init__()
+        self.roi_align = roi_align
+        self.box_heads = nn.ModuleList(box_heads)
+        self.box_coders = box_coders
+        self.matchers = matchers
+        self.num_classes = num_classes
+        self.batch_size_per_image = batch_size_per_image
+        self.positive_fraction = positive_fraction
+        self.add_gt_as_proposals = add_gt_as_proposals
+        self.stage_loss_weights = stage_loss_weights
+        self.smooth_l1_beta = smooth_l1_beta
+        self.score_ensemble = score_ensemble
+        self.refine_class = refine_class
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.box_heads)
+
+    def run_stage(self, stage: int, features: list[Tensor], rois: Tensor) -> tuple[Tensor, Tensor]:
+        """Logits (N, K + 1) and raw deltas of `stage` for `rois` (N, 5) = [batch_idx, x1, y1, x2, y2]."""
+        return self.box_heads[stage](self.roi_align(features, rois))
+
+    def decode_stage(self, stage: int, rois: Tensor, logits: Tensor, deltas: Tensor, image_sizes: Tensor,
+                     labels: Tensor | None = None) -> Tensor:
+        """Boxes (N, 4) that stage `stage` predicts for `rois`, clipped to each RoI's image (`image_sizes` (B, 2)).
+
+        Class-specific heads use the deltas of `labels` ((N,), background rows -> best foreground class) or, with
+        `refine_class="argmax_with_background"`, of the argmax over all classes.
+        """
+        limits = image_sizes[rois[:, 0].long()]
+        boxes = self.box_coders[stage].decode(deltas, rois[:, 1:], limits)
+        if boxes.shape[1] == 4:
+            return boxes
+        if self.refine_class == "argmax_with_background":
+            labels = logits.argmax(dim=1)
+        else:
+            best_fg = logits[:, : self.num_classes].argmax(dim=1)
+            labels = best_fg if labels is None else torch.where(labels == self.num_classes, best_fg, labels)
+        boxes = boxes.view(boxes.shape[0], -1, 4)
+        labels = labels.clamp(max=boxes.shape[1] - 1)
+        return boxes[torch.arange(boxes.shape[0], device=boxes.device), labels]
+
+    def predict(
+        self, features: list[Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]]
+    ) -> list[dict[str, Tensor]]:
+        """Pre-NMS candidates per image, in the resized frame.
+
+        Returns, per image, `boxes` (N, 4) or (N, 4K) from the last stage, `scores` (N, K) foreground scores of the
+        configured ensemble, and `stage_boxes` / `stage_scores`: the same for each stage on its own.
+        """
+        sizes = torch.tensor(image_sizes, dtype=torch.float32, device=features[0].device).reshape(-1, 2)
+        rois = proposals_to_rois(proposals)
+        stage_logits, stage_boxes = [], []
+        for stage in range(self.num_stages):
+            logits, deltas = self.run_stage(stage, features, rois)
+            boxes = self.box_coders[stage].decode(deltas, rois[:, 1:], sizes[rois[:, 0].long()])
+            stage_logits.append(logits)
+            stage_boxes.append(boxes)
+            if stage < self.num_stages - 1:
+                rois = torch.cat([rois[:, :1], self.decode_stage(stage, rois, logits, deltas, sizes)], dim=1)
+        scores = combine_stage_scores(stage_logits, self.score_ensemble)[:, : self.num_classes]
+        stage_scores = [F.softmax(logits, dim=1)[:, : self.num_classes] for logits in stage_logits]
+        counts = [len(p) for p in proposals]
+        per_image = zip(
+            scores.split(counts),
+            stage_boxes[-1].split(counts),
+            zip(*[s.split(counts) for s in stage_scores]),
+            zip(*[b.split(counts) for b in stage_boxes]),
+        )
+        return [
+            {"boxes": b, "scores": s, "stage_scores": list(ss), "stage_boxes": list(sb)} for s, b, ss, sb in per_image
+        ]
+
+    def loss(
+        self,
+        features: list[Tensor],
+        proposals: list[Tensor],
+        targets: list[dict[str, Tensor]],
+        image_sizes: list[tuple[int, int]],
+    ) -> dict[str, Tensor]:
+        """Per-stage classification and box losses, weighted by the stage loss weights.
+
+        Each stage matches its input boxes at its own IoU and samples them; its predicted boxes, detached (so that a
+        stage's regression is trained only by its own loss) and clipped, become the next stage's proposals, minus the
+        ground-truth boxes that were added as proposals (mmdetection `refine_bboxes`).
+        """
+        sizes = torch.tensor(image_sizes, dtype=torch.float32, device=features[0].device).reshape(-1, 2)
+        losses: dict[str, Tensor] = {}
+        proposals = [p.detach() for p in proposals]
+        for stage in range(self.num_stages):
+            rois, labels, reg_targets, is_gt = self.sample_stage(stage, proposals, targets)
+            logits, deltas = self.run_stage(stage, features, rois)
+            weight = self.stage_loss_weights[stage]
+            loss_cls, loss_box = self.stage_losses(logits, deltas, labels, reg_targets)
+            losses[f"loss_cls_stage{stage}"] = weight * loss_cls
+            losses[f"loss_box_stage{stage}"] = weight * loss_box
+            if stage < self.num_stages - 1:
+                with torch.no_grad():
+                    refined = self.decode_stage(stage, rois, logits.detach(), deltas.detach(), sizes, labels)
+                    keep = ~is_gt
+                    batch_idx = rois[keep, 0].long()
+                    proposals = [refined[keep][batch_idx == i] for i in range(len(proposals))]
+        return losses
+
+    def sample_stage(
+        self, stage: int, proposals: list[Tensor], targets: list[dict[str, Tensor]]
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Match and sample one stage's training RoIs.
+
+        Returns rois (S, 5), labels (S,) (num_classes = background), regression targets (S, 4) (zeros for
+        negatives) and is_gt (S,) bool (the RoI is a ground-truth box added as a proposal).
+        """
+        coder, matcher = self.box_coders[stage], self.matchers[stage]
+        rois, labels, reg_targets, is_gt = [], [], [], []
+        for i, (boxes, target) in enumerate(zip(proposals, targets)):
+            gt_boxes, gt_labels = target["boxes"], target["labels"]
+            crowd = target.get("iscrowd")
+            crowd = torch.zeros_like(gt_labels, dtype=torch.bool) if crowd is None else crowd.bool()
+            num_added = 0
+            if self.add_gt_as_proposals:
+                # Ground truth goes first, so that sampled positives with index < num_added are the added gts.
+                added = gt_boxes[~crowd]
+                boxes = torch.cat([added, boxes])
+                num_added = added.shape[0]
+            matches = matcher(gt_boxes, boxes, crowd)
+            pos, neg = sample_indices(matches, self.batch_size_per_image, self.positive_fraction)
+            idx = torch.cat([pos, neg])
+            sampled = boxes[idx]
+            matched = matches[idx].clamp(min=0)
+            label = torch.where(matches[idx] >= 0, gt_labels[matched], torch.full_like(matched, self.num_classes))
+            target_deltas = torch.zeros_like(sampled)
+            if pos.numel():
+                target_deltas[: pos.numel()] = coder.encode(gt_boxes[matches[pos]], boxes[pos])
+            rois.append(torch.cat([sampled.new_full((len(idx), 1), i), sampled], dim=1))
+            labels.append(label)
+            reg_targets.append(target_deltas)
+            is_gt.append(torch.cat([pos < num_added, torch.zeros_like(neg, dtype=torch.bool)]))
+        return torch.cat(rois), torch.cat(labels), torch.cat(reg_targets), torch.cat(is_gt)
+
+    def stage_losses(self, logits: Tensor, deltas: Tensor, labels: Tensor, reg_targets: Tensor) -> tuple[Tensor, Tensor]:
+        """Softmax cross-entropy over all samples; smooth-L1 on positives, averaged over all samples (mmdetection)."""
+        num_samples = max(labels.numel(), 1)
+        loss_cls = F.cross_entropy(logits, labels, reduction="sum") / num_samples
+        positive = torch.nonzero(labels < self.num_classes).squeeze(1)
+        pos_deltas = deltas[positive]
+        if deltas.shape[1] > 4:  # class-specific: the deltas of the gt class
+            pos_deltas = pos_deltas.view(len(positive), -1, 4)[torch.arange(len(positive)), labels[positive]]
+        loss_box = F.smooth_l1_loss(pos_deltas, reg_targets[positive], beta=self.smooth_l1_beta, reduction="sum")
+        return loss_cls, loss_box / num_samples
+
+
+def proposals_to_rois(proposals: list[Tensor]) -> Tensor:
+    """[(K_i, 4)] per image -> (sum K_i, 5) rows [batch_idx, x1, y1, x2, y2]."""
+    return torch.cat([torch.cat([p.new_full((len(p), 1), i), p], dim=1) for i, p in enumerate(proposals)])
+
+
+def combine_stage_scores(stage_logits: list[Tensor], mode: str) -> Tensor:
+    """Class probabilities (N, K + 1) from the stages' logits.
+
+    "mean_logits": softmax((l0 + l1 + l2) / 3), summed in stage order (mmdetection); "mean_probs": the mean of the
+    stages' softmax (detectron2, the paper's ensemble); "last": the last stage's softmax (the seed).
+    """
+    if mode == "mean_logits":
+        total = stage_logits[0]
+        for logits in stage_logits[1:]:
+            total = total + logits
+        return F.softmax(total / float(len(stage_logits)), dim=1)
+    if mode == "mean_probs":
+        return torch.stack([F.softmax(logits, dim=1) for logits in stage_logits]).mean(dim=0)
+    if mode == "last":
+        return F.softmax(stage_logits[-1], dim=1)
+    raise ValueError(f"unknown score ensemble {mode!r}")

@@ -1,0 +1,94 @@
+"""Input transform: keep-ratio resize, normalisation and padding into one batch tensor, and the way back.
+
+The transform owns the resize, so callers give and get original-image pixels. Resize (mmcv `imrescale`):
+s = min(max_size / long side, min_size / short side), new size = int(size * s + 0.5) per axis, bilinear without
+antialiasing, rounded to integer levels as a uint8 pipeline would. The two axes' scale factors differ slightly; boxes
+go back through each axis' own factor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class ImageBatch:
+    tensor: Tensor  # (B, 3, H_pad, W_pad) normalised, zero-padded bottom/right to a multiple of size_divisible
+    image_sizes: list[tuple[int, int]]  # (h, w) of each resized image inside the padding
+    original_sizes: list[tuple[int, int]]  # (h, w) of each input image
+    scale_factors: list[tuple[float, float]]  # (w_scale, h_scale) = (new_w / w, new_h / h)
+
+
+class Transform(nn.Module):
+    def __init__(
+        self,
+        min_size: int = 800,
+        max_size: int = 1333,
+        pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53),
+        pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375),
+        channel_order: str = "rgb",
+        size_divisible: int = 32,
+    ) -> None:
+        super().__init__()
+        self.min_size = min_size
+        self.max_size = max_size
+        self.channel_order = channel_order
+        self.size_divisible = size_divisible
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(3, 1, 1), persistent=False)
+
+    def resized_size(self, h: int, w: int, min_size: int | None = None) -> tuple[int, int]:
+        """(new_h, new_w) for an (h, w) image."""
+        min_size = self.min_size if min_size is None else min_size
+        scale = min(self.max_size / max(h, w), min_size / min(h, w))
+        return int(h * scale + 0.5), int(w * scale + 0.5)
+
+    def resize(self, image: Tensor, min_size: int | None = None) -> Tensor:
+        """(3, H, W) RGB 0-255 (any dtype) -> (3, h, w) float32 at the configured scale, integer-valued."""
+        h, w = image.shape[-2:]
+        size = self.resized_size(h, w, min_size)
+        image = image.float()
+        if size == (h, w):
+            return image
+        out = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=False)[0]
+        return out.round_().clamp_(0, 255)
+
+    def forward(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None, min_size: int | None = None
+    ) -> tuple[ImageBatch, list[dict[str, Tensor]] | None]:
+        """Resize, normalise and pad `images` ((3, H, W) RGB 0-255); scale target boxes into the resized frame."""
+        original_sizes = [tuple(img.shape[-2:]) for img in images]
+        batch = self.batch([self.resize(img, min_size) for img in images], original_sizes)
+        if targets is not None:
+            targets = [
+                {**t, "boxes": t["boxes"] * t["boxes"].new_tensor([sw, sh, sw, sh])}
+                for t, (sw, sh) in zip(targets, batch.scale_factors)
+            ]
+        return batch, targets
+
+    def batch(self, resized: list[Tensor], original_sizes: list[tuple[int, int]]) -> ImageBatch:
+        """Normalise and pad already-resized RGB images into one tensor; `original_sizes` give the scale factors."""
+        sizes = [tuple(img.shape[-2:]) for img in resized]
+        d = self.size_divisible
+        pad_h = -(-max(s[0] for s in sizes) // d) * d
+        pad_w = -(-max(s[1] for s in sizes) // d) * d
+        tensor = resized[0].new_zeros((len(resized), 3, pad_h, pad_w), dtype=torch.float32)
+        for i, img in enumerate(resized):
+            if self.channel_order == "bgr":
+                img = img.flip(0)
+            # Normalise, then pad: padded pixels are 0 in normalised space (mmdetection, detectron2).
+            tensor[i, :, : img.shape[1], : img.shape[2]] = (img.float() - self.pixel_mean) / self.pixel_std
+        factors = [(s[1] / o[1], s[0] / o[0]) for s, o in zip(sizes, original_sizes)]
+        return ImageBatch(tensor, sizes, list(original_sizes), factors)
+
+    @staticmethod
+    def to_original(boxes: Tensor, scale_factor: tuple[float, float]) -> Tensor:
+        """Boxes (N, 4k) from the resized frame back to original pixels (multiplying by float64 reciprocals, as
+        mmdetection's `scale_boxes`, so results match to the last bit)."""
+        sw, sh = scale_factor
+        factors = boxes.new_tensor([1 / sw, 1 / sh, 1 / sw, 1 / sh])
+        return (boxes.view(boxes.shape[0], -1, 4) * factors).view(boxes.shape)

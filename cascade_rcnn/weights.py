@@ -1,0 +1,187 @@
+"""Weights files: the project's own safetensors format, and loading any supported checkpoint into a model.
+
+A project weights file is a safetensors file whose metadata holds `format: "cascade_rcnn"`, the model config as JSON,
+the preset name and the class names, so that the file alone is enough to rebuild the detector. Peer checkpoints
+(mmdetection `.pth`, detectron2 `.pkl`, MindSpore `.ckpt`) are recognised by their content and converted to the
+project's names by the converter registered for their format in `CONVERTERS`. Nothing is ever unpickled beyond
+tensors: safetensors, protobuf, or `torch.load(weights_only=True)` and restricted unpicklers.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from cascade_rcnn.config import ModelConfig, config_from_dict, config_to_dict, get_preset
+from cascade_rcnn.errors import CheckpointError
+
+FORMAT = "cascade_rcnn"
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint converted to the project's tensor names, with the config it needs."""
+
+    config: ModelConfig
+    state_dict: dict[str, Tensor]
+    preset: str | None = None
+    source_format: str = FORMAT
+    skipped: list[str] = field(default_factory=list)  # source tensors deliberately left out (e.g. mask branch)
+
+
+@dataclass
+class LoadReport:
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    reinitialised: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f"loaded {len(self.loaded)} tensors"]
+        for title, names in (
+            ("re-initialised (shape differs from the checkpoint)", self.reinitialised),
+            ("missing from the checkpoint", self.missing),
+            ("unexpected (ignored)", self.unexpected),
+            ("skipped (not part of this model)", self.skipped),
+        ):
+            if names:
+                lines.append(f"{title}: {len(names)}")
+                lines.extend(f"  {n}" for n in names)
+        return "\n".join(lines)
+
+
+# Converters for peer formats: sniffed format name -> function(path, preset name or None) -> Checkpoint.
+# Filled by the modules that read each format (see `register_converter`).
+CONVERTERS: dict[str, Callable[[Path, str | None], Checkpoint]] = {}
+
+
+def register_converter(fmt: str) -> Callable:
+    def decorator(fn: Callable[[Path, str | None], Checkpoint]) -> Callable[[Path, str | None], Checkpoint]:
+        CONVERTERS[fmt] = fn
+        return fn
+
+    return decorator
+
+
+def save_weights(model: nn.Module, config: ModelConfig, path: str | Path, preset: str | None = None) -> Path:
+    """Write the model's tensors and its config to a safetensors file (atomically: temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    metadata = {
+        "format": FORMAT,
+        "config": json.dumps(config_to_dict(config)),
+        "class_names": json.dumps(list(config.names)),
+        "preset": preset or "",
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    return path
+
+
+def is_safetensors(path: Path) -> bool:
+    """True when the file starts like a safetensors file (8-byte little-endian header length, then a JSON object)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < 100_000_000
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        return load_file(str(path)), metadata
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
+
+
+def load_checkpoint(path: str | Path, preset: str | None = None) -> Checkpoint:
+    """Read any supported weights file and convert it to the project's names.
+
+    The format is recognised from the content, not the extension. `preset` overrides the config a file implies (for a
+    project file, its stored config; for peer files, the peer's preset).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such weights file")
+    if is_safetensors(path):
+        state_dict, metadata = read_safetensors(path)
+        if metadata.get("format") == FORMAT:
+            config = config_from_dict(json.loads(metadata["config"]))
+            stored_preset = metadata.get("preset") or None
+            if preset is not None:
+                config = get_preset(preset, num_classes=config.num_classes, class_names=config.class_names)
+            return Checkpoint(config, state_dict, preset or stored_preset, FORMAT)
+        # A bare safetensors state_dict in the project's names: the preset decides the architecture.
+        return Checkpoint(get_preset(preset or "cascade_rcnn_r50_fpn"), state_dict, preset, "safetensors")
+    fmt = sniff_format(path)
+    if fmt not in CONVERTERS:
+        _import_converters()
+    if fmt not in CONVERTERS:
+        raise CheckpointError(f"{path}: unrecognised weights format ({fmt}); expected safetensors, .pth, .pkl or .ckpt")
+    return CONVERTERS[fmt](path, preset)
+
+
+def sniff_format(path: Path) -> str:
+    try:
+        from cascade_rcnn.io.torch_checkpoint import sniff_checkpoint_format
+    except ImportError:
+        return "unknown"
+    return sniff_checkpoint_format(path)
+
+
+def _import_converters() -> None:
+    """Import the modules that register peer converters (kept lazy so a plain safetensors load imports nothing)."""
+    import importlib
+
+    for module in ("cascade_rcnn.io.mmdet", "cascade_rcnn.io.detectron2", "cascade_rcnn.io.mindspore"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as error:
+            if error.name != module:
+                raise
+
+
+def load_into_model(
+    model: nn.Module, state_dict: dict[str, Tensor], allow_reinit: bool = False, skipped: list[str] | None = None
+) -> LoadReport:
+    """Copy `state_dict` into `model` and report what happened to every tensor.
+
+    Missing tensors are an error (naming them), unless `allow_reinit`; with `allow_reinit`, tensors whose shape differs
+    (a classifier with another class count) keep the model's fresh initialisation and are listed as re-initialised.
+    """
+    own = model.state_dict()
+    report = LoadReport(skipped=list(skipped or []))
+    to_load = {}
+    for name, tensor in state_dict.items():
+        if name not in own:
+            report.unexpected.append(name)
+        elif tuple(own[name].shape) != tuple(tensor.shape):
+            if not allow_reinit:
+                raise CheckpointError(
+                    f"tensor {name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(own[name].shape)}"
+                )
+            report.reinitialised.append(name)
+        else:
+            to_load[name] = tensor.to(own[name].dtype)
+            report.loaded.append(name)
+    report.missing = [n for n in own if n not in state_dict]
+    if report.missing and not allow_reinit:
+        raise CheckpointError(f"checkpoint is missing {len(report.missing)} tensors: {', '.join(report.missing[:10])}")
+    model.load_state_dict(to_load, strict=False)
+    return report
