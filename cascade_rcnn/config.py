@@ -182,9 +182,21 @@ def cascade_rcnn_r101_fpn(**overrides: Any) -> ModelConfig:
     return with_overrides(ModelConfig(backbone=BackboneConfig(depth=101)), overrides)
 
 
+def cascade_rcnn_x101_32x4d_fpn(**overrides: Any) -> ModelConfig:
+    """mmdetection's `cascade-rcnn_x101-32x4d_fpn_1x_coco`: ResNeXt-101, 32 groups of width 4 (88.0 M parameters)."""
+    return with_overrides(ModelConfig(backbone=BackboneConfig(depth=101, groups=32, width_per_group=4)), overrides)
+
+
+def cascade_rcnn_x101_64x4d_fpn(**overrides: Any) -> ModelConfig:
+    """mmdetection's `cascade-rcnn_x101-64x4d_fpn_1x_coco`: ResNeXt-101, 64 groups of width 4 (127.3 M parameters)."""
+    return with_overrides(ModelConfig(backbone=BackboneConfig(depth=101, groups=64, width_per_group=4)), overrides)
+
+
 PRESETS: dict[str, Callable[..., ModelConfig]] = {
     "cascade_rcnn_r50_fpn": cascade_rcnn_r50_fpn,
     "cascade_rcnn_r101_fpn": cascade_rcnn_r101_fpn,
+    "cascade_rcnn_x101_32x4d_fpn": cascade_rcnn_x101_32x4d_fpn,
+    "cascade_rcnn_x101_64x4d_fpn": cascade_rcnn_x101_64x4d_fpn,
 }
 
 
