@@ -1,0 +1,134 @@
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from cascade_rcnn.cascade_heads import combine_stage_scores
+from cascade_rcnn.config import cascade_rcnn_r50_fpn, cascade_rcnn_r101_fpn
+from cascade_rcnn.model import build_model
+from tests.helpers import tiny_config
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Learned parameters, frozen ones included: trainable tensors plus frozen batch-norm weight and bias (stored as
+    buffers), as the published checkpoints count them."""
+    frozen_affine = sum(b.numel() for n, b in model.named_buffers() if n.endswith((".weight", ".bias")))
+    return sum(p.numel() for p in model.parameters()) + frozen_affine
+
+
+@pytest.mark.parametrize("preset, millions", [(cascade_rcnn_r50_fpn, 69.4), (cascade_rcnn_r101_fpn, 88.4)])
+def test_preset_parameter_counts(preset, millions):
+    assert abs(count_parameters(build_model(preset())) / 1e6 - millions) <= 0.1
+
+
+def test_num_classes_reaches_every_stage():
+    model = build_model(tiny_config(num_classes=5, **{"cascade.class_agnostic": False}))
+    for head in model.roi_heads.box_heads:
+        assert head.fc_cls.out_features == 6  # 5 classes + background
+        assert head.fc_reg.out_features == 20
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model(tiny_config())
+
+
+def make_targets():
+    return [
+        {"boxes": torch.tensor([[10.0, 20.0, 90.0, 110.0], [50.0, 5.0, 140.0, 60.0]]), "labels": torch.tensor([0, 2])},
+        {"boxes": torch.tensor([[30.0, 30.0, 100.0, 90.0]]), "labels": torch.tensor([1])},
+    ]
+
+
+def images():
+    g = torch.Generator().manual_seed(1)
+    return [torch.rand(3, 120, 160, generator=g) * 255, torch.rand(3, 150, 110, generator=g) * 255]
+
+
+def test_loss_names_and_every_stage_gets_gradient(model):
+    model.train()
+    model.zero_grad()
+    losses = model(images(), make_targets())
+    expected = {"loss_rpn_cls", "loss_rpn_box"} | {f"loss_{k}_stage{s}" for k in ("cls", "box") for s in range(3)}
+    assert set(losses) == expected
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    for stage, head in enumerate(model.roi_heads.box_heads):
+        for name, p in head.named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"stage {stage} {name} got no gradient"
+    assert model.rpn.head.conv.weight.grad.abs().sum() > 0
+    assert model.backbone.layer4[0].conv1.weight.grad.abs().sum() > 0
+    # Frozen stem and first stage
+    assert model.backbone.conv1.weight.grad is None and model.backbone.layer1[0].conv1.weight.grad is None
+
+
+def test_empty_targets_give_zero_box_losses_and_finite_cls_losses(model):
+    model.train()
+    empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)} for _ in range(2)]
+    losses = model(images(), empty)
+    for name, value in losses.items():
+        assert torch.isfinite(value), name
+        if "box" in name:
+            assert value.item() == 0.0, name
+        else:
+            assert value.item() > 0, name
+    sum(losses.values()).backward()
+
+
+def test_training_does_not_mutate_inputs(model):
+    model.train()
+    imgs, targets = images(), make_targets()
+    before = ([i.clone() for i in imgs], copy.deepcopy(targets))
+    model(imgs, targets)
+    for a, b in zip(imgs, before[0]):
+        assert torch.equal(a, b)
+    for t, u in zip(targets, before[1]):
+        assert torch.equal(t["boxes"], u["boxes"]) and torch.equal(t["labels"], u["labels"])
+
+
+def test_background_is_the_last_class_column():
+    cfg = tiny_config(num_classes=3, **{"postprocess.score_thresh": 0.5})
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    img = [images()[0]]
+    for head in model.roi_heads.box_heads:
+        head.fc_cls.weight.data.zero_()
+        head.fc_cls.bias.data = torch.tensor([0.0, 0.0, 0.0, 20.0])  # background wins
+    assert len(model.predict(img)[0]) == 0
+    for head in model.roi_heads.box_heads:
+        head.fc_cls.bias.data = torch.tensor([0.0, 20.0, 0.0, 0.0])  # class 1 wins
+    det = model.predict(img)[0]
+    assert len(det) > 0 and (det.labels == 1).all()
+
+
+def test_score_ensembles():
+    logits = [torch.randn(6, 4, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    mean_logits = combine_stage_scores(logits, "mean_logits")
+    torch.testing.assert_close(mean_logits, torch.softmax((logits[0] + logits[1] + logits[2]) / 3, dim=1))
+    mean_probs = combine_stage_scores(logits, "mean_probs")
+    torch.testing.assert_close(mean_probs, sum(torch.softmax(l, 1) for l in logits) / 3)
+    torch.testing.assert_close(combine_stage_scores(logits, "last"), torch.softmax(logits[2], 1))
+    for probs in (mean_logits, mean_probs):
+        torch.testing.assert_close(probs.sum(1), torch.ones(6))
+
+
+def test_return_stages_gives_each_stage_its_own_detections(model):
+    model.eval()
+    det = model.predict([images()[0]], return_stages=True)[0]
+    assert det.stages is not None and len(det.stages) == 3
+    for stage in det.stages:
+        assert stage.boxes.shape[1] == 4 and len(stage) <= 100
+
+
+def test_class_specific_regression_trains_and_predicts():
+    torch.manual_seed(0)
+    model = build_model(tiny_config(**{"cascade.class_agnostic": False}))
+    model.train()
+    losses = model(images(), make_targets())
+    sum(losses.values()).backward()
+    model.eval()
+    det = model.predict([images()[1]])[0]
+    assert det.boxes.shape[1] == 4
+    assert (det.boxes[:, 2] <= 110 + 1e-3).all() and (det.boxes[:, 3] <= 150 + 1e-3).all()
