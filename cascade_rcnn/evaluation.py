@@ -162,7 +162,9 @@ def detections_to_coco(
     scores_np = _as_numpy(scores, np.float64).reshape(-1)
     labels_np = _as_numpy(labels, np.int64).reshape(-1)
     if not (len(boxes_xyxy) == len(scores_np) == len(labels_np)):
-        raise ValueError(f"boxes, scores, labels disagree in length: {len(boxes_xyxy)}, {len(scores_np)}, {len(labels_np)}")
+        raise ValueError(
+            f"boxes, scores, labels disagree in length: {len(boxes_xyxy)}, {len(scores_np)}, {len(labels_np)}"
+        )
     bad = labels_np[(labels_np < 0) | (labels_np >= len(category_ids))]
     if len(bad):
         raise DatasetError(
@@ -172,11 +174,13 @@ def detections_to_coco(
     boxes_xywh = boxes_xyxy.copy()
     boxes_xywh[:, 2:] -= boxes_xyxy[:, :2]
     results = []
-    for box, score, label in zip(boxes_xywh.tolist(), scores_np.tolist(), labels_np.tolist()):
+    for box, score, label in zip(boxes_xywh.tolist(), scores_np.tolist(), labels_np.tolist(), strict=True):
         category_id = category_ids[label]
         if category_id is None:
             continue
-        results.append({"image_id": int(image_id), "category_id": int(category_id), "bbox": box, "score": score, **extra})
+        results.append(
+            {"image_id": int(image_id), "category_id": int(category_id), "bbox": box, "score": score, **extra}
+        )
     return results
 
 
@@ -363,7 +367,9 @@ def load_detections(path: str | Path) -> list[dict[str, Any]]:
     except (OSError, ValueError) as error:
         raise DatasetError(f"{path}: cannot read detections JSON ({error})") from None
     if not isinstance(detections, list):
-        raise DatasetError(f"{path}: a COCO results file is a JSON list of detections, found {type(detections).__name__}")
+        raise DatasetError(
+            f"{path}: a COCO results file is a JSON list of detections, found {type(detections).__name__}"
+        )
     return detections
 
 
@@ -391,14 +397,19 @@ def _validate_detections(detections: list[Any], gt: COCO, source: str) -> None:
         score = det["score"]
         if not isinstance(score, (int, float)) or not math.isfinite(score):
             problems.append(f"{source}[{index}]: score must be a finite number, got {score!r}")
-        for key, known, unknown in (("image_id", gt.imgs, unknown_images), ("category_id", gt.cats, unknown_categories)):
+        for key, known, unknown in (
+            ("image_id", gt.imgs, unknown_images),
+            ("category_id", gt.cats, unknown_categories),
+        ):
             value = det[key]
             if not isinstance(value, (int, float, str)):  # unhashable or nonsense: name it rather than crash
                 problems.append(f"{source}[{index}]: {key} must be an integer, got {value!r}")
             elif value not in known:
                 unknown[value] = unknown.get(value, 0) + 1
     problems += [f"image_id {k!r} is not in the annotation file ({n} detections)" for k, n in unknown_images.items()]
-    problems += [f"category_id {k!r} is not in the annotation file ({n} detections)" for k, n in unknown_categories.items()]
+    problems += [
+        f"category_id {k!r} is not in the annotation file ({n} detections)" for k, n in unknown_categories.items()
+    ]
     if problems:
         raise DatasetError(f"{source}: {len(problems)} problems with the detections", problems)
 
@@ -453,7 +464,7 @@ def evaluate_coco(
         evaluator.accumulate()
         evaluator.summarize()
 
-    metrics = {name: float(value) for name, value in zip(METRIC_NAMES, evaluator.stats)}
+    metrics = {name: float(value) for name, value in zip(METRIC_NAMES, evaluator.stats, strict=True)}
     precision = np.asarray(evaluator.eval["precision"])
     cat_ids = list(evaluator.params.catIds)
     names = [str(coco_gt.cats[cat_id].get("name", cat_id)) for cat_id in cat_ids]

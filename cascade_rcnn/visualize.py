@@ -94,7 +94,9 @@ def draw_detections(
     scores_np = _to_numpy(scores, np.float64).reshape(-1)
     labels_np = _to_numpy(labels, np.int64).reshape(-1)
     if not (len(boxes_np) == len(scores_np) == len(labels_np)):
-        raise ValueError(f"boxes, scores, labels disagree in length: {len(boxes_np)}, {len(scores_np)}, {len(labels_np)}")
+        raise ValueError(
+            f"boxes, scores, labels disagree in length: {len(boxes_np)}, {len(scores_np)}, {len(labels_np)}"
+        )
 
     width, height = canvas.size
     scale = math.sqrt(width * height)

@@ -1,0 +1,172 @@
+"""`cascade-rcnn eval`: COCO box metrics (pycocotools) of a results file, or of a model run over a COCO-format set.
+
+Two modes:
+
+- `--detections FILE --annotations JSON [--out DIR]`: score an existing COCO results file; no model is built.
+- `--weights W --images DIR --annotations JSON [--out DIR] [--per-stage]`: run the model over every image of the
+  annotation file, batch by batch, appending detections to `DIR/detections.json` as they come, so only one batch of
+  images and outputs is in memory at a time; then score that file (pycocotools reads it back whole: a few small
+  dicts per detection, at most 100 detections per image). `--per-stage` also scores each cascade stage's own output
+  (`DIR/detections_stage{k}.json`, `DIR/metrics_stage{k}.json`) beside the ensemble, as the paper's ablation does.
+
+Both print the 12 COCO metrics and the per-class AP, and with `--out` write `metrics.json`, `per_class_ap.json` and
+the precision-recall curves (`pr_curves.png`, `pr_curves/pr_iou0.50.png` ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from cascade_rcnn.commands.predict import load_detector, predict_batch
+from cascade_rcnn.data.image_io import load_image
+from cascade_rcnn.errors import CascadeRCNNError, DatasetError, ImageReadError
+from cascade_rcnn.evaluation import (
+    CocoResultsWriter,
+    EvalResult,
+    evaluate_coco,
+    load_coco_gt,
+    map_labels_to_category_ids,
+)
+
+HELP = "COCO box metrics of a detections file, or of a model run over a COCO-format image set."
+
+_STAGE_TABLE_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--detections", type=Path, metavar="FILE", help="COCO results JSON to score (no model needed)")
+    source.add_argument(
+        "--weights", metavar="W", help="weights file or known pretrained name: run the model over --images"
+    )
+    parser.add_argument("--annotations", required=True, type=Path, metavar="JSON", help="COCO-format annotation JSON")
+    parser.add_argument(
+        "--images", type=Path, metavar="DIR", help="folder holding the annotation file's images (with --weights)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="write metrics.json, PR curves (and with --weights, detections.json) here",
+    )
+    parser.add_argument("--per-stage", action="store_true", help="also score each cascade stage's own output")
+    parser.add_argument("--batch-size", type=_positive_int, default=2, metavar="N", help="images per forward pass (2)")
+    parser.add_argument(
+        "--device", metavar="DEVICE", help="torch device, e.g. cpu or cuda:0 (default: cuda when available, else cpu)"
+    )
+    parser.add_argument("--preset", metavar="NAME", help="model preset (default: from the weights file's metadata)")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.detections is not None:
+        model_only = [flag for flag, given in (("--images", args.images), ("--per-stage", args.per_stage),
+                                               ("--preset", args.preset)) if given]  # fmt: skip
+        if model_only:
+            print(f"error: {', '.join(model_only)} only apply with --weights", file=sys.stderr)
+            return 2
+        result = evaluate_coco(args.annotations, args.detections, out_dir=args.out)
+        print(result.format_table())
+        if args.out is not None:
+            print(f"\nmetrics and precision-recall curves written to {args.out}")
+        return 0
+    if args.images is None:
+        print("error: --weights needs --images (the folder of the annotation file's images)", file=sys.stderr)
+        return 2
+    if args.out is not None:
+        return _run_model(args, args.out)
+    # Without --out the detections still stream to a file (so memory stays flat), in a folder removed afterwards.
+    with tempfile.TemporaryDirectory(prefix="cascade_rcnn_eval_") as tmp:
+        return _run_model(args, Path(tmp), write_extras=False)
+
+
+def _run_model(args: argparse.Namespace, out_dir: Path, write_extras: bool = True) -> int:
+    from tqdm import tqdm
+
+    gt = load_coco_gt(args.annotations)
+    images = sorted(gt.dataset["images"], key=lambda image: image["id"])
+    if not args.images.is_dir():
+        raise DatasetError(f"{args.images}: images folder not found")
+    missing = [f"{args.images / image['file_name']} (image id {image['id']})" for image in images
+               if not (args.images / image["file_name"]).is_file()]  # fmt: skip
+    if missing:
+        raise DatasetError(f"{len(missing)} images of {args.annotations} are not in {args.images}", missing)
+
+    detector = load_detector(args.weights, args.device, args.preset)
+    category_ids, how = map_labels_to_category_ids(tuple(detector.class_names), gt)
+    print(f"model labels -> annotation category ids: {how}", file=sys.stderr)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    evaluated_ids: list[int] = []
+    failed: list[str] = []
+    stage_writers: list[CocoResultsWriter] = []
+    with contextlib.ExitStack() as stack:
+        writer = stack.enter_context(CocoResultsWriter(out_dir / "detections.json", category_ids))
+        progress = stack.enter_context(tqdm(total=len(images), unit="img", desc="eval", file=sys.stderr))
+        for start in range(0, len(images), args.batch_size):
+            batch = images[start : start + args.batch_size]
+            loaded: list[tuple[dict[str, Any], Any]] = []
+            for image in batch:
+                try:
+                    loaded.append((image, load_image(args.images / image["file_name"])))
+                except ImageReadError as error:
+                    progress.write(f"skipped {error}", file=sys.stderr)
+                    failed.append(str(args.images / image["file_name"]))
+            if loaded:
+                outputs = predict_batch(
+                    detector, [pixels for _, pixels in loaded], args.batch_size, return_stages=args.per_stage
+                )
+                for (image, _), det in zip(loaded, outputs, strict=True):
+                    writer.add(image["id"], det.boxes, det.scores, det.labels)
+                    evaluated_ids.append(image["id"])
+                    if args.per_stage:
+                        if not det.stages:
+                            raise CascadeRCNNError("--per-stage: the model returned no per-stage detections")
+                        while len(stage_writers) < len(det.stages):  # opened on first sight: the stage count
+                            k = len(stage_writers) + 1
+                            stage_writers.append(stack.enter_context(
+                                CocoResultsWriter(out_dir / f"detections_stage{k}.json", category_ids)))  # fmt: skip
+                        for stage_writer, stage in zip(stage_writers, det.stages, strict=True):
+                            stage_writer.add(image["id"], stage.boxes, stage.scores, stage.labels)
+            progress.update(len(batch))
+
+    if failed:
+        # Score only the images the model saw: counting unreadable images' objects as missed would understate AP.
+        print(f"warning: {len(failed)} images could not be read; metrics cover the other {len(evaluated_ids)}",
+              file=sys.stderr)  # fmt: skip
+    result = evaluate_coco(
+        gt, out_dir / "detections.json", out_dir=out_dir if write_extras else None, image_ids=evaluated_ids
+    )
+    print(result.format_table())
+    if args.per_stage:
+        stage_results = []
+        for k, stage_writer in enumerate(stage_writers, start=1):
+            stage_result = evaluate_coco(gt, stage_writer.path, image_ids=evaluated_ids)
+            if write_extras:
+                stage_result.write_json(out_dir / f"metrics_stage{k}.json")
+            stage_results.append((f"stage {k}", stage_result))
+        print()
+        print(format_stage_table([*stage_results, ("ensemble", result)]))
+    if write_extras:
+        print(f"\ndetections, metrics and precision-recall curves written to {out_dir}")
+    return 1 if failed else 0
+
+
+def format_stage_table(rows: list[tuple[str, EvalResult]]) -> str:
+    """AP of each cascade stage's own output next to the ensemble's, one row each."""
+    lines = [f"{'output':<10}" + "".join(f"{name:>8}" for name in _STAGE_TABLE_METRICS)]
+    for label, result in rows:
+        cells = (result.metrics[name] for name in _STAGE_TABLE_METRICS)
+        lines.append(f"{label:<10}" + "".join(f"{'-' if v < 0 else f'{v:.3f}':>8}" for v in cells))
+    return "\n".join(lines)

@@ -1,0 +1,287 @@
+"""`cascade-rcnn predict`: run a detector over image files, folders and globs; write COCO results and drawn pictures.
+
+Writes `OUT/detections.json` (COCO results format: `image_id`, `file_name`, `category_id`, `category_name`, `bbox` as
+`[x, y, w, h]`, `score`) and `OUT/images/<name>` with the boxes drawn. An input that cannot be read is reported by name
+on stderr and skipped; the rest are still processed, and the exit code is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import re
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from cascade_rcnn.config import COCO_CLASSES
+from cascade_rcnn.data.image_io import load_image
+from cascade_rcnn.errors import ConfigError, ImageReadError
+from cascade_rcnn.evaluation import COCO_CATEGORY_IDS, CocoResultsWriter, detections_to_coco
+from cascade_rcnn.visualize import draw_detections
+
+if TYPE_CHECKING:
+    from cascade_rcnn.api import Detector
+
+HELP = "Detect objects in images (files, folders, globs); write detections.json and the images with boxes drawn."
+
+# What a folder or glob contributes; a file named explicitly is always tried, whatever its extension.
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
+# Output pictures keep their input's format when Pillow writes it well; anything else (gif: 256 colours) becomes PNG.
+_KEPT_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+_MAX_NAME_LENGTH = 150
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "inputs", nargs="+", metavar="INPUT", help="image files, folders (their images, sorted) or globs"
+    )
+    parser.add_argument("--weights", required=True, metavar="W", help="weights file, or a known pretrained name")
+    parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (created if needed)")
+    parser.add_argument(
+        "--score-thresh", type=float, default=0.3, metavar="S", help="keep detections scoring at least this (0.3)"
+    )
+    parser.add_argument(
+        "--classes", metavar="NAMES", help="comma-separated class names to keep, e.g. person,car (default: all)"
+    )
+    parser.add_argument("--batch-size", type=_positive_int, default=2, metavar="N", help="images per forward pass (2)")
+    parser.add_argument(
+        "--device", metavar="DEVICE", help="torch device, e.g. cpu or cuda:0 (default: cuda when available, else cpu)"
+    )
+    parser.add_argument("--preset", metavar="NAME", help="model preset (default: from the weights file's metadata)")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def resolve_device(device: str | None) -> str:
+    """The device to run on: `device` as given, else cuda when available, else cpu."""
+    if device:
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_detector(weights: str, device: str | None, preset: str | None) -> Detector:
+    """Load the detector. Imported here, not at module level, so `cascade-rcnn --help` and the model-free
+    `eval --detections` work without building the model code (and tests can replace this function)."""
+    from cascade_rcnn.api import Detector
+
+    return Detector.from_weights(weights, device=resolve_device(device), preset=preset)
+
+
+def predict_batch(detector: Any, images: list[np.ndarray], batch_size: int, **kwargs: Any) -> list[Any]:
+    """`detector.predict` on a list, always returning a list (the API returns a bare result for a single input)."""
+    outputs = detector.predict(images, batch_size=batch_size, **kwargs)
+    return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Inputs and output names
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InputImage:
+    path: Path
+    image_id: int
+    output_name: str  # base name under OUT/images, unique, sanitised
+
+
+def collect_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[str]]:
+    """Expand files, folders and globs into image paths, in the order given (folder contents and glob matches
+    sorted); the same file reached twice is kept once. Returns `(paths, problems)`, one problem per input that
+    names nothing readable."""
+    paths: list[Path] = []
+    problems: list[str] = []
+    seen: set[Path] = set()
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                problems.append(f"{item}: folder has no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        elif path.exists():
+            found = [path]
+        elif any(c in item for c in "*?["):
+            found = [
+                Path(m) for m in sorted(glob.glob(item, recursive=True))
+                if Path(m).is_file() and Path(m).suffix.lower() in IMAGE_EXTENSIONS
+            ]  # fmt: skip
+            if not found:
+                problems.append(f"{item}: pattern matched no images")
+        else:
+            found = []
+            problems.append(f"{item}: no such file or folder")
+        for p in found:
+            key = p.resolve()
+            if key not in seen:
+                seen.add(key)
+                paths.append(p)
+    return paths, problems
+
+
+def assign_image_ids(paths: Sequence[Path]) -> list[int]:
+    """COCO image ids: the integer in the file stem when it is all digits (`000000000139.jpg` -> 139), otherwise a
+    running index (1-based position); a number already taken goes to the next free one, so ids stay unique."""
+    ids: list[int | None] = []
+    taken: set[int] = set()
+    for path in paths:
+        stem = path.stem
+        number = int(stem) if stem.isascii() and stem.isdigit() else None
+        if number is not None and number not in taken:
+            taken.add(number)
+            ids.append(number)
+        else:
+            ids.append(None)
+    result = []
+    for position, image_id in enumerate(ids, start=1):
+        if image_id is None:
+            image_id = position
+            while image_id in taken:
+                image_id += 1
+            taken.add(image_id)
+        result.append(image_id)
+    return result
+
+
+def safe_output_name(name: str, taken: set[str]) -> str:
+    """A file name for `name` that stays inside the output folder: only the base name (after `/` or `\\`), letters,
+    digits, `_ - .` kept and the rest replaced by `_`, no leading dot (so never `..` or hidden), at most 150 characters,
+    and `_1`, `_2`... appended when `taken` (lower-cased names, updated here) already has it."""
+    base = PurePosixPath(name.replace("\\", "/")).name
+    stem, dot, suffix = base.rpartition(".")
+    if not dot:
+        stem, suffix = base, ""
+    stem = re.sub(r"[^\w.-]+", "_", stem).lstrip(".") or "image"
+    suffix = "." + suffix.lower() if suffix else ""
+    if suffix not in _KEPT_EXTENSIONS:
+        suffix = ".png"
+    stem = stem[:_MAX_NAME_LENGTH]
+    candidate, n = stem + suffix, 0
+    while candidate.lower() in taken:  # lower-case: two names differing in case collide on macOS/Windows disks
+        n += 1
+        candidate = f"{stem}_{n}{suffix}"
+    taken.add(candidate.lower())
+    return candidate
+
+
+def plan_inputs(paths: Sequence[Path]) -> list[InputImage]:
+    """Image id and output name of each path."""
+    taken: set[str] = set()
+    return [
+        InputImage(path, image_id, safe_output_name(path.name, taken))
+        for path, image_id in zip(paths, assign_image_ids(paths), strict=True)
+    ]
+
+
+def parse_class_filter(text: str | None, class_names: Sequence[str]) -> set[int] | None:
+    """Labels named in `--classes` (case-insensitive); None keeps every class. Unknown names are a `ConfigError`."""
+    if text is None:
+        return None
+    wanted = [name.strip() for name in text.split(",") if name.strip()]
+    index = {name.lower(): label for label, name in enumerate(class_names)}
+    unknown = [name for name in wanted if name.lower() not in index]
+    if unknown or not wanted:
+        shown = ", ".join(class_names[:20]) + (" ..." if len(class_names) > 20 else "")
+        raise ConfigError(f"--classes: unknown class name(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
+                          f"the model's classes are: {shown}")  # fmt: skip
+    return {index[name.lower()] for name in wanted}
+
+
+def category_ids_for(class_names: Sequence[str]) -> list[int]:
+    """COCO category id of each label: the real COCO ids (1..90 with gaps) for a COCO-80 model, so the file can be
+    scored against COCO annotations directly; otherwise label + 1."""
+    if tuple(class_names) == COCO_CLASSES:
+        return list(COCO_CATEGORY_IDS)
+    return list(range(1, len(class_names) + 1))
+
+
+def _chunks(items: Sequence[InputImage], size: int) -> Iterator[Sequence[InputImage]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    paths, problems = collect_inputs(args.inputs)
+    for problem in problems:
+        print(f"skipped {problem}", file=sys.stderr)
+    planned = plan_inputs(paths)
+
+    detector = load_detector(args.weights, args.device, args.preset)
+    class_names = tuple(detector.class_names)
+    keep_labels = parse_class_filter(args.classes, class_names)
+    category_ids = category_ids_for(class_names)
+
+    out_dir: Path = args.out
+    images_dir = out_dir / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    failed = len(problems)
+    written_images = 0
+    with (
+        CocoResultsWriter(out_dir / "detections.json", category_ids) as writer,
+        tqdm(total=len(planned), unit="img", desc="predict", file=sys.stderr) as progress,
+    ):
+        for chunk in _chunks(planned, args.batch_size):
+            loaded: list[tuple[InputImage, np.ndarray]] = []
+            for item in chunk:
+                try:
+                    loaded.append((item, load_image(item.path)))
+                except ImageReadError as error:
+                    progress.write(f"skipped {error}", file=sys.stderr)
+                    failed += 1
+            if loaded:
+                outputs = predict_batch(
+                    detector, [image for _, image in loaded], args.batch_size, score_thresh=args.score_thresh
+                )
+                for (item, image), det in zip(loaded, outputs, strict=True):
+                    boxes, scores, labels = _filtered(det, args.score_thresh, keep_labels)
+                    results = detections_to_coco(item.image_id, boxes, scores, labels, category_ids)
+                    writer.add_results(
+                        {"image_id": r["image_id"], "file_name": item.path.name, "category_id": r["category_id"],
+                         "category_name": class_names[label], "bbox": r["bbox"], "score": r["score"]}
+                        for r, label in zip(results, labels.tolist(), strict=True)
+                    )  # fmt: skip
+                    try:
+                        draw_detections(image, boxes, scores, labels, class_names).save(images_dir / item.output_name)
+                        written_images += 1
+                    except (OSError, ValueError) as error:
+                        progress.write(
+                            f"skipped {item.path}: cannot write {item.output_name} ({error})", file=sys.stderr
+                        )
+                        failed += 1
+            progress.update(len(chunk))
+
+    print(f"{written_images} images and {writer.count} detections written to {out_dir}")
+    if failed:
+        print(f"{failed} input(s) failed; see the messages above", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _filtered(
+    det: Any, score_thresh: float, keep_labels: set[int] | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The detection's boxes, scores, labels with score >= `score_thresh` and, when given, label in `keep_labels`."""
+    boxes = torch.as_tensor(det.boxes).detach().cpu().reshape(-1, 4)
+    scores = torch.as_tensor(det.scores).detach().cpu().reshape(-1)
+    labels = torch.as_tensor(det.labels).detach().cpu().reshape(-1).long()
+    keep = scores >= score_thresh
+    if keep_labels is not None:
+        keep &= torch.isin(labels, torch.tensor(sorted(keep_labels), dtype=torch.long))
+    return boxes[keep], scores[keep], labels[keep]
