@@ -17,6 +17,7 @@ from cascade_rcnn.errors import CascadeRCNNError
 COMMANDS = {
     "predict": "predict",
     "eval": "eval",
+    "data": "data",
 }
 
 
