@@ -40,3 +40,39 @@ def test_dict_round_trip_and_unknown_key_names_the_key():
     data["cascade"]["stage_iou"] = [0.5]
     with pytest.raises(ConfigError, match="cascade.stage_iou"):
         config_from_dict(data)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("rpn.nms_thresh", "high", "rpn.nms_thresh"),
+        ("cascade.score_ensemble", "max", "cascade.score_ensemble"),
+        ("cascade.stage_stds", [[0.1, 0.1, 0.2]], r"cascade.stage_stds\[0\]"),
+        ("num_classes", True, "num_classes"),
+        ("transform.min_size", 800.5, "transform.min_size"),
+    ],
+)
+def test_wrong_types_name_the_key(key, value, message):
+    data = config_to_dict(get_preset("cascade_rcnn_r50_fpn"))
+    head, _, tail = key.partition(".")
+    if tail:
+        data[head][tail] = value
+    else:
+        data[head] = value
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(data)
+    with pytest.raises(ConfigError, match=message):
+        get_preset("cascade_rcnn_r50_fpn", **{key: value})
+
+
+def test_lists_and_ints_are_accepted_where_tuples_and_floats_are_expected():
+    cfg = get_preset("cascade_rcnn_r50_fpn", **{"cascade.stage_ious": [0.5, 0.6, 1], "rpn.nms_thresh": 1})
+    assert cfg.cascade.stage_ious == (0.5, 0.6, 1.0) and isinstance(cfg.rpn.nms_thresh, float)
+
+
+def test_every_preset_round_trips_through_a_dict():
+    from cascade_rcnn.config import PRESETS
+
+    for name in PRESETS:
+        cfg = get_preset(name)
+        assert config_from_dict(config_to_dict(cfg)) == cfg, name
