@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from cascade_rcnn.commands.predict import load_detector, predict_batch
+from cascade_rcnn.commands.predict import load_detector, make_output_dir, predict_batch
 from cascade_rcnn.data.image_io import load_image
 from cascade_rcnn.errors import CascadeRCNNError, DatasetError, ImageReadError
 from cascade_rcnn.evaluation import (
@@ -76,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
         if model_only:
             print(f"error: {', '.join(model_only)} only apply with --weights", file=sys.stderr)
             return 2
+        if args.out is not None:
+            make_output_dir(args.out)
         result = evaluate_coco(args.annotations, args.detections, out_dir=args.out)
         print(result.format_table())
         if args.out is not None:
@@ -103,11 +105,11 @@ def _run_model(args: argparse.Namespace, out_dir: Path, write_extras: bool = Tru
     if missing:
         raise DatasetError(f"{len(missing)} images of {args.annotations} are not in {args.images}", missing)
 
+    make_output_dir(out_dir)  # before the model loads: a bad --out fails at once
     detector = load_detector(args.weights, args.device, args.preset)
     category_ids, how = map_labels_to_category_ids(tuple(detector.class_names), gt)
     print(f"model labels -> annotation category ids: {how}", file=sys.stderr)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     evaluated_ids: list[int] = []
     failed: list[str] = []
     stage_writers: list[CocoResultsWriter] = []

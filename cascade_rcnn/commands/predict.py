@@ -64,10 +64,28 @@ def _positive_int(text: str) -> int:
 
 
 def resolve_device(device: str | None) -> str:
-    """The device to run on: `device` as given, else cuda when available, else cpu."""
-    if device:
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """The device to run on: `device` as given, else cuda when available, else cpu. A device that does not exist here
+    is a `ConfigError` naming it (torch would fail later with a traceback)."""
+    if not device:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device {device!r}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {device!r}: this machine has {torch.cuda.device_count()} usable CUDA device(s)")
+    return device
+
+
+def make_output_dir(path: Path) -> Path:
+    """Create the output folder `path` (and its parents); a path that cannot be a folder is a one-line error."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{path}: exists and is not a folder; cannot write the output there")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot create the output folder ({error.strerror or error})") from None
+    return path
 
 
 def load_detector(weights: str, device: str | None, preset: str | None) -> Detector:
@@ -223,14 +241,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"skipped {problem}", file=sys.stderr)
     planned = plan_inputs(paths)
 
+    out_dir: Path = args.out
+    images_dir = make_output_dir(make_output_dir(out_dir) / "images")  # before the model loads: fail at once
+
     detector = load_detector(args.weights, args.device, args.preset)
     class_names = tuple(detector.class_names)
     keep_labels = parse_class_filter(args.classes, class_names)
     category_ids = category_ids_for(class_names)
-
-    out_dir: Path = args.out
-    images_dir = out_dir / "images"
-    images_dir.mkdir(parents=True, exist_ok=True)
     failed = len(problems)
     written_images = 0
     with (
