@@ -18,6 +18,7 @@ COMMANDS = {
     "predict": "predict",
     "eval": "eval",
     "data": "data",
+    "convert": "convert",
 }
 
 
