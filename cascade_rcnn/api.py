@@ -18,7 +18,7 @@ from torch import Tensor
 
 from cascade_rcnn.config import ModelConfig, get_preset
 from cascade_rcnn.data.image_io import load_image, to_rgb
-from cascade_rcnn.errors import CascadeRCNNError
+from cascade_rcnn.errors import CascadeRCNNError, CheckpointError
 from cascade_rcnn.model import CascadeRCNN, build_model
 from cascade_rcnn.structures import Detections
 from cascade_rcnn.weights import LoadReport, load_checkpoint, load_into_model, save_weights
@@ -54,7 +54,10 @@ class Detector:
         path = resolve_weights(weights)
         checkpoint = load_checkpoint(path, preset)
         detector = cls(checkpoint.preset or "cascade_rcnn_r50_fpn", config=checkpoint.config, device=device)
-        detector.load_report = load_into_model(detector.model, checkpoint.state_dict, skipped=checkpoint.skipped)
+        try:
+            detector.load_report = load_into_model(detector.model, checkpoint.state_dict, skipped=checkpoint.skipped)
+        except CheckpointError as error:  # its messages name the tensor; say which file as well
+            raise CheckpointError(f"{path}: {error}") from None
         return detector
 
     @property

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from cascade_rcnn.config import ModelConfig, config_from_dict, config_to_dict, get_preset
-from cascade_rcnn.errors import CheckpointError
+from cascade_rcnn.errors import CheckpointError, ConfigError
 
 FORMAT = "cascade_rcnn"
 
@@ -122,7 +122,7 @@ def load_checkpoint(path: str | Path, preset: str | None = None) -> Checkpoint:
     if is_safetensors(path):
         state_dict, metadata = read_safetensors(path)
         if metadata.get("format") == FORMAT:
-            config = config_from_dict(json.loads(metadata["config"]))
+            config = _stored_config(path, metadata)
             stored_preset = metadata.get("preset") or None
             if preset is not None:
                 config = get_preset(preset, num_classes=config.num_classes, class_names=config.class_names)
@@ -134,7 +134,25 @@ def load_checkpoint(path: str | Path, preset: str | None = None) -> Checkpoint:
         _import_converters()
     if fmt not in CONVERTERS:
         raise CheckpointError(f"{path}: unrecognised weights format ({fmt}); expected safetensors, .pth, .pkl or .ckpt")
-    return CONVERTERS[fmt](path, preset)
+    try:
+        return CONVERTERS[fmt](path, preset)
+    except CheckpointError as error:
+        # Some converter messages name only the tensor or layer; the user needs to know which file it is.
+        if str(path) in str(error):
+            raise
+        raise CheckpointError(f"{path}: {error}") from None
+
+
+def _stored_config(path: Path, metadata: dict[str, str]) -> ModelConfig:
+    """The model config a project weights file carries in its metadata; a missing or damaged one names the file."""
+    try:
+        return config_from_dict(json.loads(metadata["config"]))
+    except KeyError:
+        raise CheckpointError(f"{path}: the metadata says format {FORMAT!r} but has no 'config' entry") from None
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path}: the metadata's 'config' is not valid JSON ({error})") from None
+    except (ConfigError, TypeError, ValueError) as error:  # TypeError: a value of the wrong type met a check
+        raise CheckpointError(f"{path}: the metadata's 'config' does not fit this version ({error})") from None
 
 
 def sniff_format(path: Path) -> str:
