@@ -54,12 +54,10 @@ BOX_ATOL = 1e-3  # pixels, post-processing fed with recorded tensors
 SCORE_ATOL = 1e-6
 MATCH_IOU = 0.99
 PROPOSAL_SCORE_TOL = 2e-4  # end to end, after float differences in the backbone
-END_TO_END_BOX_TOL = 0.05  # pixels, matched proposals and detections: 10x the largest measured, 10x below half a pixel
-DETECTION_SCORE_TOL = 2e-3
+# Matched proposals and detections, end to end. Largest measured on the 8 images: 0.012 px and 7.4e-4 (scores).
+END_TO_END_BOX_TOL = 0.1  # pixels: 8x the largest measured, 5x below half a pixel
+DETECTION_SCORE_TOL = 5e-3  # a wrong score ensemble differs by ~0.6
 MIN_MATCH_RATE = 0.97
-
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
 
 def rel_diff(mine: Any, ref: Any) -> float:
     """max|mine - ref| / max|ref| (float64)."""
