@@ -79,11 +79,62 @@ def load_coco_gt(annotations: str | Path | COCO) -> COCO:
     if not isinstance(dataset, dict) or not all(isinstance(dataset.get(k), list) for k in ("images", "categories")):
         raise DatasetError(f"{path}: not a COCO annotation file (needs 'images' and 'categories' lists)")
     dataset.setdefault("annotations", [])
+    problems = _gt_problems(dataset)
+    if problems:
+        # pycocotools indexes these with no checks: a missing key is a bare KeyError, a duplicate id overwrites.
+        raise DatasetError(f"{path}: {len(problems)} problems in the annotation file", problems)
     gt = COCO()
     gt.dataset = dataset
     with contextlib.redirect_stdout(io.StringIO()):
         gt.createIndex()
     return gt
+
+
+def _gt_problems(dataset: dict[str, Any]) -> list[str]:
+    """Every entry of a COCO annotation dict that pycocotools' box evaluation cannot use, one line each."""
+    problems: list[str] = []
+    if not isinstance(dataset["annotations"], list):
+        return [f"'annotations' is a {type(dataset['annotations']).__name__}, expected a list"]
+    known: dict[str, set[int]] = {"images": set(), "categories": set(), "annotations": set()}
+    for key, ids in known.items():
+        for index, entry in enumerate(dataset[key]):
+            entry_id = entry.get("id") if isinstance(entry, dict) else None
+            if not (isinstance(entry_id, int) and not isinstance(entry_id, bool)):
+                problems.append(f"{key}[{index}]: needs an integer 'id', got {_short(entry)}")
+            elif entry_id in ids:
+                problems.append(f"{key}[{index}]: duplicate id {entry_id}")
+            else:
+                ids.add(entry_id)
+    for index, ann in enumerate(dataset["annotations"]):
+        if not isinstance(ann, dict):
+            continue  # reported above
+        where = f"annotations[{index}]"
+        for key, listed in (("image_id", "images"), ("category_id", "categories")):
+            value = ann.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value not in known[listed]:
+                problems.append(f"{where}: '{key}' {_short(value)} is not an id in '{listed}'")
+        bbox, area = ann.get("bbox"), ann.get("area")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_finite_number(v) for v in bbox)):
+            problems.append(f"{where}: 'bbox' must be 4 finite numbers [x, y, w, h], got {_short(bbox)}")
+        if not _is_finite_number(area):
+            problems.append(f"{where}: 'area' must be a finite number, got {_short(area)}")
+        if ann.get("iscrowd") not in (0, 1):
+            problems.append(f"{where}: 'iscrowd' must be 0 or 1, got {_short(ann.get('iscrowd'))}")
+    return problems
+
+
+def _is_finite_number(value: Any) -> bool:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # a JSON integer too large for a float
+        return False
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def contiguous_category_ids(gt: COCO) -> list[int]:
@@ -391,11 +442,11 @@ def _validate_detections(detections: list[Any], gt: COCO, source: str) -> None:
         if (
             not isinstance(bbox, list)
             or len(bbox) != 4
-            or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)
+            or not all(_is_finite_number(v) for v in bbox)
         ):
             problems.append(f"{source}[{index}]: bbox must be 4 finite numbers [x, y, w, h], got {bbox!r}")
         score = det["score"]
-        if not isinstance(score, (int, float)) or not math.isfinite(score):
+        if not _is_finite_number(score):
             problems.append(f"{source}[{index}]: score must be a finite number, got {score!r}")
         for key, known, unknown in (
             ("image_id", gt.imgs, unknown_images),

@@ -281,13 +281,15 @@ def test_predict_when_every_input_fails_writes_an_empty_valid_results_file(
 ) -> None:
     out = tmp_path / "out"
     code = main(["predict", "--weights", str(weights), str(inputs / "empty.jpg"), str(inputs / "bomb.png"),
-                 str(tmp_path / "missing.jpg"), "--out", str(out), "--device", "cpu"])  # fmt: skip
+                 str(tmp_path / "missing.jpg"), str(tmp_path / ("long" * 80 + ".jpg")), "--out", str(out),
+                 "--device", "cpu"])  # fmt: skip
     captured = capsys.readouterr()
     assert code == 1
     _assert_no_traceback(captured.err)
     assert "missing.jpg: no such file or folder" in captured.err
+    assert "...: File name too long" in captured.err
     assert json.loads((out / "detections.json").read_text()) == []
-    assert "3 input(s) failed" in captured.err
+    assert "4 input(s) failed" in captured.err
 
 
 @pytest.mark.parametrize(
@@ -298,8 +300,9 @@ def test_predict_when_every_input_fails_writes_an_empty_valid_results_file(
         (["--out", "{tmp}/o", "--device", "gpu0"], "--device 'gpu0': not a torch device"),
         (["--out", "{tmp}/o", "--device", "cuda:99"], "--device 'cuda:99': this machine has"),
         (["--out", "{tmp}/o", "--weights", "{tmp}/no_such.safetensors"], "no_such.safetensors"),
+        (["--out", "{tmp}/" + "o" * 300], "cannot create the output folder (File name too long)"),
     ],
-    ids=["out-is-a-file", "out-below-a-file", "unknown-device", "absent-gpu", "missing-weights"],
+    ids=["out-is-a-file", "out-below-a-file", "unknown-device", "absent-gpu", "missing-weights", "out-name-too-long"],
 )
 def test_bad_command_line_values_are_one_line_errors(
     weights: Path, inputs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], fragment: str

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cascade_rcnn.commands.predict import load_detector, make_output_dir, predict_batch
+from cascade_rcnn.data.dataset import is_file
 from cascade_rcnn.data.image_io import load_image
 from cascade_rcnn.errors import CascadeRCNNError, DatasetError, ImageReadError
 from cascade_rcnn.evaluation import (
@@ -100,8 +101,12 @@ def _run_model(args: argparse.Namespace, out_dir: Path, write_extras: bool = Tru
     images = sorted(gt.dataset["images"], key=lambda image: image["id"])
     if not args.images.is_dir():
         raise DatasetError(f"{args.images}: images folder not found")
+    unnamed = [f"image id {image['id']}: 'file_name' is {image.get('file_name')!r}, expected a non-empty string"
+               for image in images if not isinstance(image.get("file_name"), str) or not image["file_name"]]  # fmt: skip
+    if unnamed:
+        raise DatasetError(f"{args.annotations}: images without a file name", unnamed)
     missing = [f"{args.images / image['file_name']} (image id {image['id']})" for image in images
-               if not (args.images / image["file_name"]).is_file()]  # fmt: skip
+               if not is_file(args.images / image["file_name"])]  # fmt: skip
     if missing:
         raise DatasetError(f"{len(missing)} images of {args.annotations} are not in {args.images}", missing)
 

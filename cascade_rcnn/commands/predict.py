@@ -79,11 +79,11 @@ def resolve_device(device: str | None) -> str:
 
 def make_output_dir(path: Path) -> Path:
     """Create the output folder `path` (and its parents); a path that cannot be a folder is a one-line error."""
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{path}: exists and is not a folder; cannot write the output there")
     try:
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{path}: exists and is not a folder; cannot write the output there")
         path.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
+    except OSError as error:  # also a name too long for the file system: pathlib raises even from exists()
         raise ConfigError(f"{path}: cannot create the output folder ({error.strerror or error})") from None
     return path
 
@@ -123,6 +123,11 @@ def collect_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[str]]:
     seen: set[Path] = set()
     for item in inputs:
         path = Path(item)
+        try:
+            path.exists()
+        except OSError as error:  # a name the file system refuses (too long): pathlib raises instead of saying False
+            problems.append(f"{item[:80]}...: {error.strerror}")
+            continue
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
             if not found:

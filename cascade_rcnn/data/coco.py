@@ -23,6 +23,7 @@ from cascade_rcnn.data.dataset import (
     check_box,
     check_image_size,
     check_on_error,
+    is_file,
     finish,
     make_record,
 )
@@ -122,6 +123,9 @@ def load_coco(
         if not _is_int(image_id):
             problems.append(f"{where}: 'id' is {image_id!r}, expected an integer")
             continue
+        if not -(2**63) <= image_id < 2**63:  # it becomes an int64 tensor in training
+            problems.append(f"{where}: 'id' {_short(image_id)} does not fit in a 64-bit integer")
+            continue
         file_name = image.get("file_name")
         where = f"{source}: image id {image_id}" + (f" ({file_name})" if isinstance(file_name, str) else "")
         if id_counts[image_id] > 1:
@@ -187,7 +191,11 @@ def load_coco(
             continue  # the image itself was rejected above and already reported
         image = images[image_id]
         x, y, w, h = bbox  # not float() here: check_box turns an out-of-range JSON integer into a problem
-        box, reason = check_box((x, y, x + w, y + h), image["width"], image["height"], box_tolerance)
+        try:
+            corners = (x, y, x + w, y + h)
+        except OverflowError:  # an integer beyond float range plus a float: as non-finite as it gets
+            corners = (float("inf"),) * 4
+        box, reason = check_box(corners, image["width"], image["height"], box_tolerance)
         if box is None:
             problems.append(f"{where}: {reason} (COCO bbox {_short(bbox)})")
             continue
@@ -296,7 +304,7 @@ def _check_image_entry(
     if size_problem:
         return size_problem
     path = image_root / file_name
-    if check_files and not path.is_file():
+    if check_files and not is_file(path):
         return f"image file {path} not found"
     if check_sizes:
         try:

@@ -169,13 +169,24 @@ def check_box(
     return np.array([x1, y1, x2, y2], np.float64), None
 
 
+def is_file(path: Path) -> bool:
+    """`path.is_file()`, but False for a name the OS refuses: pathlib raises OSError for a name too long (ENAMETOOLONG),
+    and file names here come from annotation files."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
 def check_image_size(width: int, height: int, max_pixels: int | None = MAX_IMAGE_PIXELS) -> str | None:
     """Reason an image size is unusable (non-positive, or above the decoder's pixel limit), or None."""
     if width <= 0 or height <= 0:
         return f"image size {width}x{height} is not positive"
     if max_pixels is not None and width * height > max_pixels:
+        # min(): a size read from JSON can be an integer too large to divide as a float.
+        megapixels = min(width * height, 10**300) / 1e6
         return (
-            f"image is {width}x{height} = {width * height / 1e6:.1f} megapixels, above the {max_pixels / 1e6:.1f} "
+            f"image is {width}x{height} = {megapixels:.1f} megapixels, above the {max_pixels / 1e6:.1f} "
             "megapixel limit of the image decoder"
         )
     return None
@@ -189,7 +200,8 @@ def assign_image_ids(file_names: Sequence[str]) -> list[int]:
     the given order.
     """
     stems = [Path(name).stem for name in file_names]
-    if stems and all(stem.isdigit() for stem in stems):
+    # isdecimal, not isdigit: '²' is a digit that int() refuses. Under 19 digits: the id must fit an int64.
+    if stems and all(stem.isdecimal() and len(stem) < 19 for stem in stems):
         ids = [int(stem) for stem in stems]
         if len(set(ids)) == len(ids):
             return ids

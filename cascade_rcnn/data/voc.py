@@ -26,6 +26,7 @@ from cascade_rcnn.data.dataset import (
     check_box,
     check_image_size,
     check_on_error,
+    is_file,
     finish,
     make_record,
     read_class_names,
@@ -103,7 +104,7 @@ def load_voc(
                 continue
             seen[stem] = line_number
             path = annotation_dir / f"{stem}.xml"
-            if not path.is_file():
+            if not is_file(path):
                 problems.append(f"{split_path}: line {line_number}: annotation file {path} not found")
                 continue
             xml_files.append(path)
@@ -169,7 +170,7 @@ def _parse_xml(
 
     file_name = (root.findtext("filename") or "").strip() or f"{xml_path.stem}.jpg"
     image_path = image_dir / file_name
-    if not image_path.is_file():
+    if not is_file(image_path):
         return None, [f"{xml_path}: image file {image_path} not found"]
 
     width = _int_text(root.find("size/width"))
