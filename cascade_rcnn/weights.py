@@ -10,6 +10,7 @@ tensors: safetensors, protobuf, or `torch.load(weights_only=True)` and restricte
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +86,10 @@ def save_weights(model: nn.Module, config: ModelConfig, path: str | Path, preset
     }
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
+    # safetensors creates the file owner-only; give it the permissions any new file gets under the user's umask.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     tmp.replace(path)
     return path
 
