@@ -118,8 +118,11 @@ def to_tensor_image(image: ImageInput) -> Tensor:
 def resolve_weights(weights: str | Path) -> Path:
     """A local path as is; otherwise a known weights name, fetched (and verified) into the cache."""
     path = Path(weights)
-    if path.exists():
-        return path
+    try:
+        if path.exists():
+            return path
+    except OSError as error:  # a name the file system refuses (too long): pathlib raises instead of saying False
+        raise CheckpointError(f"{str(weights)[:80]}...: {error.strerror}") from None
     try:
         from cascade_rcnn.download import KNOWN_WEIGHTS, fetch_weights
     except ImportError:

@@ -400,3 +400,35 @@ def test_voc_reader_on_random_bytes(root: Path, data: bytes) -> None:
     folder.mkdir(exist_ok=True)
     (folder / "1.xml").write_bytes(data)
     check_both_modes(lambda mode: load_voc(folder, root / "images", on_error=mode), root)
+
+
+# --- the data command's output ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("output", "fragment"),
+    [
+        ("{tmp}", "cannot write the COCO JSON (Is a directory)"),
+        ("{tmp}/a_file.txt/coco.json", "a_file.txt is a file, not a folder"),
+        ("{tmp}/" + "n" * 300 + ".json", "cannot write the COCO JSON (File name too long)"),
+    ],
+    ids=["output-is-a-folder", "output-below-a-file", "output-name-too-long"],
+)
+def test_data_convert_output_that_cannot_be_written(
+    root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], output: str, fragment: str
+) -> None:
+    (tmp_path / "a_file.txt").write_text("in the way")
+    annotations = tmp_path / "instances.json"
+    annotations.write_text(json.dumps({"images": [{"id": 1, "file_name": "1.jpg", "width": 64, "height": 48}],
+                                       "annotations": [], "categories": [{"id": 1, "name": "cat"}]}))  # fmt: skip
+    argv = ["data", "convert", "--format", "coco", "--images", str(root / "images"), "--annotations", str(annotations)]
+
+    assert main([*argv, "--output", output.format(tmp=tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("error: ") and fragment in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file.txt", "instances.json"]  # no .tmp left behind
+
+    # A folder that does not exist yet is created, as `predict --out` does.
+    assert main([*argv, "--output", str(tmp_path / "new" / "coco.json")]) == 0
+    assert json.loads((tmp_path / "new" / "coco.json").read_text())["images"][0]["file_name"] == "1.jpg"

@@ -301,8 +301,10 @@ def test_predict_when_every_input_fails_writes_an_empty_valid_results_file(
         (["--out", "{tmp}/o", "--device", "cuda:99"], "--device 'cuda:99': this machine has"),
         (["--out", "{tmp}/o", "--weights", "{tmp}/no_such.safetensors"], "no_such.safetensors"),
         (["--out", "{tmp}/" + "o" * 300], "cannot create the output folder (File name too long)"),
+        (["--out", "{tmp}/o", "--weights", "{tmp}/" + "w" * 300], "www...: File name too long"),
     ],
-    ids=["out-is-a-file", "out-below-a-file", "unknown-device", "absent-gpu", "missing-weights", "out-name-too-long"],
+    ids=["out-is-a-file", "out-below-a-file", "unknown-device", "absent-gpu", "missing-weights", "out-name-too-long",
+         "weights-name-too-long"],
 )
 def test_bad_command_line_values_are_one_line_errors(
     weights: Path, inputs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], fragment: str

@@ -205,7 +205,7 @@ def _project_metadata(config_text: str) -> dict[str, str]:
         ({}, "missing"),
     ],
     ids=["no-config", "config-not-json", "config-not-mapping", "unknown-key", "wrong-type", "wrong-nested-type",
-         "foreign-format", "no-metadata"],  # fmt: skip
+         "foreign-format", "no-metadata"],
 )
 def test_safetensors_with_wrong_metadata(
     tmp_path: Path, image: Path, capsys: pytest.CaptureFixture[str], metadata: dict[str, str], fragment: str

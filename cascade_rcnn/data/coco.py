@@ -8,6 +8,7 @@ output of `convert_to_coco` is plain COCO and loads in pycocotools (a test check
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -28,7 +29,7 @@ from cascade_rcnn.data.dataset import (
     make_record,
 )
 from cascade_rcnn.data.image_io import MAX_IMAGE_PIXELS, image_size
-from cascade_rcnn.errors import DatasetError, ImageReadError
+from cascade_rcnn.errors import CascadeRCNNError, DatasetError, ImageReadError
 
 
 def load_coco(
@@ -269,8 +270,17 @@ def write_coco(dataset: DetectionDataset, path: str | Path) -> Path:
     path = Path(path)
     text = json.dumps(convert_to_coco(dataset), allow_nan=False)
     temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    temporary.replace(path)
+    try:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except FileExistsError as error:  # mkdir's word for "a file is in the way"
+            raise NotADirectoryError(error.errno, f"{error.filename} is a file, not a folder") from None
+        temporary.write_text(text, encoding="utf-8")
+        temporary.replace(path)
+    except OSError as error:  # a folder at `path`, a file where a folder should be, a full disk, a name too long
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        raise CascadeRCNNError(f"{path}: cannot write the COCO JSON ({error.strerror or error})") from None
     return path
 
 
