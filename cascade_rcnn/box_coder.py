@@ -18,10 +18,17 @@ class BoxCoder:
         stds: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0),
         scale_clamp: float = 4.135166556742356,
         plus_one: bool = False,
+        clip_offset: float | None = None,
+        clamp_below: bool = True,
     ) -> None:
         self.stds = stds
         self.scale_clamp = scale_clamp
+        # dw, dh are clamped to [-scale_clamp, scale_clamp] (mmdetection), or only from above (detectron2, whose clamp
+        # guards exp() against overflow and lets boxes shrink freely).
+        self.clamp_below = clamp_below
         self.offset = 1.0 if plus_one else 0.0
+        # Clip bound (w - clip_offset, h - clip_offset): mmdetection v1 pairs "+1" widths with w - 1; the seed clips to w.
+        self.clip_offset = self.offset if clip_offset is None else clip_offset
 
     def encode(self, gt_boxes: Tensor, proposal_boxes: Tensor) -> Tensor:
         """Deltas (N, 4) that move `proposal_boxes` (N, 4) onto `gt_boxes` (N, 4), divided by the stds."""
@@ -47,13 +54,13 @@ class BoxCoder:
         boxes = boxes.to(deltas.dtype)[:, None, :]
         pxy = (boxes[..., :2] + boxes[..., 2:]) * 0.5
         pwh = boxes[..., 2:] - boxes[..., :2] + self.offset
-        dwh = deltas[..., 2:].clamp(min=-self.scale_clamp, max=self.scale_clamp)
+        dwh = deltas[..., 2:].clamp(min=-self.scale_clamp if self.clamp_below else None, max=self.scale_clamp)
         gxy = pxy + pwh * deltas[..., :2]
         # Subtracting the legacy offset before halving keeps x2 - x1 + 1 == gw (a no-op when offset is 0).
         half = (pwh * dwh.exp() - self.offset) * 0.5
         decoded = torch.cat([gxy - half, gxy + half], dim=-1)
         if max_shape is not None:
-            decoded = clip_boxes(decoded, max_shape, self.offset)
+            decoded = clip_boxes(decoded, max_shape, self.clip_offset)
         return decoded.reshape(n, -1)
 
 

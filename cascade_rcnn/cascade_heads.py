@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cascade_rcnn.box_coder import BoxCoder
-from cascade_rcnn.matcher import BACKGROUND, Matcher, sample_indices
+from cascade_rcnn.matcher import BACKGROUND, Matcher, sample_indices, sampling_generator
 from cascade_rcnn.roi_align import MultiScaleRoIAlign
 
 
@@ -59,6 +59,7 @@ class CascadeROIHeads(nn.Module):
         smooth_l1_beta: float = 1.0,
         score_ensemble: Literal["mean_logits", "mean_probs", "last"] = "mean_logits",
         refine_class: Literal["label", "argmax_with_background"] = "label",
+        refine_box_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
         self.roi_align = roi_align
@@ -73,6 +74,7 @@ class CascadeROIHeads(nn.Module):
         self.smooth_l1_beta = smooth_l1_beta
         self.score_ensemble = score_ensemble
         self.refine_class = refine_class
+        self.refine_box_dtype = refine_box_dtype
 
     @property
     def num_stages(self) -> int:
@@ -87,10 +89,12 @@ class CascadeROIHeads(nn.Module):
         """Boxes (N, 4) that stage `stage` predicts for `rois`, clipped to each RoI's image (`image_sizes` (B, 2)).
 
         Class-specific heads use the deltas of `labels` ((N,), background rows -> best foreground class) or, with
-        `refine_class="argmax_with_background"`, of the argmax over all classes.
+        `refine_class="argmax_with_background"`, of the argmax over all classes (the background's own deltas when the
+        head has a background slot). The RoIs are first rounded to `refine_box_dtype` (the seed's float16 cast).
         """
         limits = image_sizes[rois[:, 0].long()]
-        boxes = self.box_coders[stage].decode(deltas, rois[:, 1:], limits)
+        boxes_in = rois[:, 1:].to(self.refine_box_dtype).to(rois.dtype)
+        boxes = self.box_coders[stage].decode(deltas, boxes_in, limits)
         if boxes.shape[1] == 4:
             return boxes
         if self.refine_class == "argmax_with_background":
@@ -111,17 +115,7 @@ class CascadeROIHeads(nn.Module):
         configured ensemble, and `stage_boxes` / `stage_scores`: the same for each stage on its own.
         """
         sizes = torch.tensor(image_sizes, dtype=torch.float32, device=features[0].device).reshape(-1, 2)
-        rois = proposals_to_rois(proposals)
-        stage_logits, stage_boxes = [], []
-        for stage in range(self.num_stages):
-            logits, deltas = self.run_stage(stage, features, rois)
-            boxes = self.box_coders[stage].decode(deltas, rois[:, 1:], sizes[rois[:, 0].long()])
-            stage_logits.append(logits)
-            stage_boxes.append(boxes)
-            if stage < self.num_stages - 1:
-                rois = torch.cat([rois[:, :1], self.decode_stage(stage, rois, logits, deltas, sizes)], dim=1)
-        scores = combine_stage_scores(stage_logits, self.score_ensemble)[:, : self.num_classes]
-        stage_scores = [F.softmax(logits, dim=1)[:, : self.num_classes] for logits in stage_logits]
+        scores, stage_boxes, stage_scores = self.predict_rois(features, proposals_to_rois(proposals), sizes)
         counts = [len(p) for p in proposals]
         per_image = zip(
             scores.split(counts),
@@ -132,6 +126,24 @@ class CascadeROIHeads(nn.Module):
         return [
             {"boxes": b, "scores": s, "stage_scores": list(ss), "stage_boxes": list(sb)} for s, b, ss, sb in per_image
         ]
+
+    def predict_rois(
+        self, features: list[Tensor], rois: Tensor, image_sizes: Tensor
+    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """The cascade on the RoIs (N, 5) = [batch_idx, x1, y1, x2, y2] of a batch whose images span `image_sizes`
+        (B, 2) float (h, w). Returns the ensemble's foreground scores (N, K) and, per stage, its decoded boxes (N, 4)
+        or (N, 4K) and its own foreground scores (N, K). No per-image Python: the ONNX export traces it as is."""
+        stage_logits, stage_boxes = [], []
+        for stage in range(self.num_stages):
+            logits, deltas = self.run_stage(stage, features, rois)
+            boxes = self.box_coders[stage].decode(deltas, rois[:, 1:], image_sizes[rois[:, 0].long()])
+            stage_logits.append(logits)
+            stage_boxes.append(boxes if boxes.shape[1] == 4 else boxes[:, : 4 * self.num_classes])  # no background box
+            if stage < self.num_stages - 1:
+                rois = torch.cat([rois[:, :1], self.decode_stage(stage, rois, logits, deltas, image_sizes)], dim=1)
+        scores = combine_stage_scores(stage_logits, self.score_ensemble)[:, : self.num_classes]
+        stage_scores = [F.softmax(logits, dim=1)[:, : self.num_classes] for logits in stage_logits]
+        return scores, stage_boxes, stage_scores
 
     def loss(
         self,
@@ -185,14 +197,16 @@ class CascadeROIHeads(nn.Module):
                 boxes = torch.cat([added, boxes])
                 num_added = added.shape[0]
             matches = matcher(gt_boxes, boxes, crowd)
-            pos, neg = sample_indices(matches, self.batch_size_per_image, self.positive_fraction)
+            pos, neg = sample_indices(
+                matches, self.batch_size_per_image, self.positive_fraction, sampling_generator(target, stage + 1)
+            )
             idx = torch.cat([pos, neg])
             sampled = boxes[idx]
-            matched = matches[idx].clamp(min=0)
-            label = torch.where(matches[idx] >= 0, gt_labels[matched], torch.full_like(matched, self.num_classes))
+            # Positives come first in `idx`: they take their gt's label and box; the rest are background.
+            label = torch.full_like(idx, self.num_classes)
+            label[: pos.numel()] = gt_labels[matches[pos]]
             target_deltas = torch.zeros_like(sampled)
-            if pos.numel():
-                target_deltas[: pos.numel()] = coder.encode(gt_boxes[matches[pos]], boxes[pos])
+            target_deltas[: pos.numel()] = coder.encode(gt_boxes[matches[pos]], boxes[pos])
             rois.append(torch.cat([sampled.new_full((len(idx), 1), i), sampled], dim=1))
             labels.append(label)
             reg_targets.append(target_deltas)
@@ -220,7 +234,8 @@ def combine_stage_scores(stage_logits: list[Tensor], mode: str) -> Tensor:
     """Class probabilities (N, K + 1) from the stages' logits.
 
     "mean_logits": softmax((l0 + l1 + l2) / 3), summed in stage order (mmdetection); "mean_probs": the mean of the
-    stages' softmax (detectron2, the paper's ensemble); "last": the last stage's softmax (the seed).
+    stages' softmax, (p0 + p1 + p2) * (1 / 3) in that float order (detectron2, the paper's ensemble); "last": the last
+    stage's softmax (the seed).
     """
     if mode == "mean_logits":
         total = stage_logits[0]
@@ -228,7 +243,7 @@ def combine_stage_scores(stage_logits: list[Tensor], mode: str) -> Tensor:
             total = total + logits
         return F.softmax(total / float(len(stage_logits)), dim=1)
     if mode == "mean_probs":
-        return torch.stack([F.softmax(logits, dim=1) for logits in stage_logits]).mean(dim=0)
+        return sum(F.softmax(logits, dim=1) for logits in stage_logits) * (1.0 / len(stage_logits))
     if mode == "last":
         return F.softmax(stage_logits[-1], dim=1)
     raise ValueError(f"unknown score ensemble {mode!r}")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
@@ -53,8 +55,9 @@ class AnchorConfig:
     strides: tuple[int, ...] = (4, 8, 16, 32, 64)
     scales: tuple[float, ...] = (8.0,)  # anchor side = stride * scale
     ratios: tuple[float, ...] = (0.5, 1.0, 2.0)  # h / w
-    # Anchor centre in units of stride: 0 (mmdet AnchorGenerator), 0.5 (detectron2 offset), or the legacy mmdet-v1
-    # convention (centre (stride-1)/2, rounded sizes, "+1" extents) used by the seed.
+    # Anchor centre in units of stride: 0 (mmdet AnchorGenerator; detectron2's ANCHOR_GENERATOR.OFFSET 0.0 too, its
+    # default and the Cascade R-CNN configs'), 0.5 (detectron2 OFFSET=0.5), or the legacy mmdet-v1 convention (centre
+    # (stride-1)/2, rounded sizes, "+1" extents) used by the seed.
     center_offset: float = 0.0
     legacy_v1: bool = False
 
@@ -63,6 +66,12 @@ class AnchorConfig:
 class BoxCoderConfig:
     scale_clamp: float = DEFAULT_SCALE_CLAMP  # clamp of dw, dh before exp
     plus_one: bool = False  # legacy "+1" widths (x2 - x1 + 1), as the seed's MindSpore code
+    # Decoded boxes are clipped to [0, w - clip_offset] x [0, h - clip_offset]. None: 1 with plus_one (mmdetection v1),
+    # else 0. The seed's BoundingBoxDecode clips to (w, h) even with "+1" widths: 0.
+    clip_offset: float | None = None
+    # dw, dh are clamped to [-scale_clamp, scale_clamp] (mmdetection); False: from above only (detectron2's
+    # Box2BoxTransform, which lets boxes shrink without limit).
+    clamp_below: bool = True
 
 
 @dataclass(frozen=True)
@@ -73,7 +82,7 @@ class RPNConfig:
     post_nms_top_n_test: int = 1000  # per image
     nms_thresh: float = 0.7
     nms_per_level: bool = True  # mmdet/MindSpore: NMS within each level; detectron2 too (batched by level)
-    min_size: float = 0.0  # drop proposals with w or h <= min_size
+    min_size: float | None = 0.0  # drop proposals with w or h <= min_size; None: no filter at all (the seed)
     fg_iou_thresh: float = 0.7
     bg_iou_thresh: float = 0.3
     low_quality_min_iou: float = 0.3  # best-anchor matches kept only above this IoU (mmdet min_pos_iou)
@@ -81,6 +90,9 @@ class RPNConfig:
     positive_fraction: float = 0.5
     smooth_l1_beta: float = 1.0 / 9.0
     loss_box_weight: float = 1.0
+    # What proposals are ranked by (per-level top-k, NMS) at inference: "sigmoid" probabilities (mmdetection) or raw
+    # "logit"s (detectron2; the same order, except that float32 sigmoids of large logits tie where logits do not).
+    proposal_score: Literal["sigmoid", "logit"] = "sigmoid"
 
 
 @dataclass(frozen=True)
@@ -90,6 +102,13 @@ class RoIAlignConfig:
     aligned: bool = True  # mmdet/detectron2 True (half-pixel shift); MindSpore and old torchvision False
     canonical_size: float = 56.0  # level = floor(log2(sqrt(wh) / canonical_size + eps)), clamped to P2..P5
     level_eps: float = 1e-6
+    # Legacy "+1" RoI extents (mmdetection v1; MindSpore ROIAlign roi_end_mode=1): a RoI covers [x1, x2 + 1] on the
+    # image, with no 1-cell minimum size, and its level comes from sqrt((w + 1) * (h + 1)). Used with aligned=False.
+    plus_one: bool = False
+    # None: the formula above (mmdetection). An int k: level P(floor(k + log2(sqrt(wh) / canonical_size + eps))), i.e.
+    # a canonical_size box on P(k), as detectron2's assign_boxes_to_levels (k 4, canonical_size 224, eps 1e-8): the
+    # same bins as (56, 4e-8) mathematically, but adding k after the log rounds differently within ~1e-7 of a bin edge.
+    canonical_level: int | None = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +135,12 @@ class CascadeConfig:
     # Class-specific refinement between stages picks the box of: "label" (the gt label in training, the argmax over
     # foreground classes at test, mmdet) or "argmax_with_background" (argmax including background, the seed).
     refine_class: Literal["label", "argmax_with_background"] = "label"
+    # Class-specific regression has a background slot too: 4 * (num_classes + 1) outputs, background last as in the
+    # logits (the seed's 324 = 81 x 4); argmax_with_background refinement may then pick the background's box.
+    reg_background_slot: bool = False
+    # Boxes are rounded to this dtype before each inter-stage decode: "float32" (no rounding) or "float16" (the seed
+    # casts the RoIs to float16 in get_rois_decode; coordinates >= 1024 move by up to 0.5 px).
+    refine_box_dtype: Literal["float32", "float16"] = "float32"
 
 
 @dataclass(frozen=True)
@@ -123,6 +148,17 @@ class PostProcessConfig:
     score_thresh: float = 0.05
     nms_thresh: float = 0.5
     detections_per_image: int = 100
+    # How NMS keeps classes apart: "offset" (mmcv's batched_nms: below 10000 boxes one call on boxes shifted apart by
+    # class) or "per_class" (one NMS call per class, as the seed's NMSWithMask loop; same result up to float rounding),
+    # or "torchvision" (torchvision.ops.batched_nms itself, as detectron2: per class above 1000 boxes on the CPU, the
+    # offset trick below, and its own order among tied scores at the detections_per_image cut).
+    class_nms: Literal["offset", "per_class", "torchvision"] = "offset"
+    # Where the boxes go back to original pixels: "before_nms" (mmdetection), or "after_nms" (detectron2's
+    # detector_postprocess): NMS in the resized frame, then the kept boxes are rescaled, clipped to the original image,
+    # and empty ones dropped.
+    rescale: Literal["before_nms", "after_nms"] = "before_nms"
+    # COCO results files write w = x2 - x1 + 1 and h = y2 - y1 + 1 (the seed's det2json) instead of x2 - x1, y2 - y1.
+    coco_wh_plus_one: bool = False
 
 
 @dataclass(frozen=True)
@@ -133,6 +169,27 @@ class TransformConfig:
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
     channel_order: Literal["rgb", "bgr"] = "rgb"  # what the network's first conv expects
     size_divisible: int = 32
+    # The seed's portrait rule: an image still taller than min_size after the keep-ratio resize is resized again, in a
+    # second bilinear pass, to height min_size (mmcv imrescale to (min_size, min_size)), so it fits the canvas.
+    second_rescale: bool = False
+    # Pad every image into this fixed (h, w) canvas, bottom/right, instead of the batch's largest size rounded up to
+    # size_divisible. An image larger than the canvas is an error.
+    pad_to: tuple[int, int] | None = None
+    # Pad the 0-255 image with zeros before normalising, so padding becomes -mean/std (the seed), instead of after (0).
+    pad_before_normalize: bool = False
+    # How boxes go back to original pixels: "per_axis" through new_w / w and new_h / h (mmdetection), or "scalar"
+    # through the resize scale itself on both axes (mmcv imrescale's returned scale, the seed's img_metas).
+    box_scale: Literal["per_axis", "scalar"] = "per_axis"
+    # What the RPN and heads clip boxes to (and, in training, keep anchors inside): each resized "image" (mmdetection)
+    # or the whole padded "canvas" (the seed clips to 768 x 1280 whatever the image size).
+    clip_to: Literal["image", "canvas"] = "image"
+    # How the resized size is computed: "keep_ratio" s = min(max_size / long, min_size / short), side * s + 0.5
+    # truncated (mmcv imrescale); "shortest_edge": short side to min_size, long side with it, both scaled down when the
+    # long side exceeds max_size, then + 0.5 truncated (detectron2 ResizeShortestEdge; ~1 size in 10^4 differs by 1 px).
+    resize_rule: Literal["keep_ratio", "shortest_edge"] = "keep_ratio"
+    # How pixels are resized: "cv2_bilinear" (OpenCV INTER_LINEAR's fixed-point arithmetic, mmcv) or "pil_bilinear"
+    # (Pillow's BILINEAR on the uint8 image, detectron2's; antialiased when shrinking).
+    resize_method: Literal["cv2_bilinear", "pil_bilinear"] = "cv2_bilinear"
 
 
 @dataclass(frozen=True)
@@ -161,6 +218,10 @@ class ModelConfig:
             raise ConfigError("cascade.stage_ious, stage_stds and stage_loss_weights must have the same length")
         if self.backbone.depth not in (50, 101):
             raise ConfigError(f"backbone.depth must be 50 or 101, got {self.backbone.depth}")
+        if self.cascade.reg_background_slot and self.cascade.class_agnostic:
+            raise ConfigError("cascade.reg_background_slot needs class-specific regression (class_agnostic=False)")
+        if self.roi_align.plus_one and self.roi_align.aligned:
+            raise ConfigError("roi_align.plus_one is the legacy extent of aligned=False; set roi_align.aligned=False")
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -192,11 +253,73 @@ def cascade_rcnn_x101_64x4d_fpn(**overrides: Any) -> ModelConfig:
     return with_overrides(ModelConfig(backbone=BackboneConfig(depth=101, groups=64, width_per_group=4)), overrides)
 
 
+def cascade_rcnn_r101_fpn_mindspore(**overrides: Any) -> ModelConfig:
+    """The seed's MindSpore model-zoo Cascade R-CNN R-101-FPN (`research/cv/CascadeRCNN`), inference quirks included,
+    for its published checkpoint (37.3 AP on COCO val2017). Each quirk is one named setting; see
+    `shared/specs/mindspore_cascadercnn.md` §5-6 and `shared/reference/mindspore/README.md`."""
+    seed_stds = (0.1, 0.1, 0.2, 0.2)
+    cfg = ModelConfig(
+        backbone=BackboneConfig(depth=101, stem_pool="tf_same"),
+        anchors=AnchorConfig(legacy_v1=True),
+        box_coder=BoxCoderConfig(plus_one=True, clip_offset=0.0),
+        rpn=RPNConfig(min_size=None),
+        roi_align=RoIAlignConfig(sampling_ratio=2, aligned=False, plus_one=True),
+        cascade=CascadeConfig(
+            stage_stds=(seed_stds, seed_stds, seed_stds),
+            stage_loss_weights=(1.0, 1.0, 1.0),
+            class_agnostic=False,
+            reg_background_slot=True,
+            score_ensemble="last",
+            refine_class="argmax_with_background",
+            refine_box_dtype="float16",
+        ),
+        postprocess=PostProcessConfig(detections_per_image=128, class_nms="per_class", coco_wh_plus_one=True),
+        transform=TransformConfig(
+            min_size=768,
+            max_size=1280,
+            second_rescale=True,
+            pad_to=(768, 1280),
+            pad_before_normalize=True,
+            box_scale="scalar",
+            clip_to="canvas",
+        ),
+    )
+    return with_overrides(cfg, overrides)
+
+
+def cascade_rcnn_r50_fpn_detectron2(**overrides: Any) -> ModelConfig:
+    """detectron2's `Misc/cascade_mask_rcnn_R_50_FPN_{1x,3x}` box path (42.1 / 44.3 box AP with its model-zoo weights).
+    Each difference from mmdetection is one named setting; see `shared/reference/detectron2/README.md`."""
+    cfg = ModelConfig(
+        backbone=BackboneConfig(stride_in_1x1=True),  # MSRA ResNet (RESNETS.STRIDE_IN_1X1)
+        box_coder=BoxCoderConfig(clamp_below=False),  # Box2BoxTransform clamps dw, dh from above only
+        rpn=RPNConfig(proposal_score="logit"),  # find_top_rpn_proposals ranks raw logits
+        roi_align=RoIAlignConfig(canonical_size=224.0, canonical_level=4, level_eps=1e-8),  # ROIPooler levels
+        cascade=CascadeConfig(
+            # 1 / ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS (10,10,5,5), (20,20,10,10), (30,30,15,15)
+            stage_stds=((0.1, 0.1, 0.2, 0.2), (0.05, 0.05, 0.1, 0.1), (1 / 30, 1 / 30, 1 / 15, 1 / 15)),
+            score_ensemble="mean_probs",
+        ),
+        postprocess=PostProcessConfig(class_nms="torchvision", rescale="after_nms"),
+        transform=TransformConfig(
+            # MODEL.PIXEL_MEAN / PIXEL_STD, in the network's BGR order
+            pixel_mean=(103.53, 116.28, 123.675),
+            pixel_std=(1.0, 1.0, 1.0),
+            channel_order="bgr",
+            resize_rule="shortest_edge",
+            resize_method="pil_bilinear",
+        ),
+    )
+    return with_overrides(cfg, overrides)
+
+
 PRESETS: dict[str, Callable[..., ModelConfig]] = {
     "cascade_rcnn_r50_fpn": cascade_rcnn_r50_fpn,
     "cascade_rcnn_r101_fpn": cascade_rcnn_r101_fpn,
     "cascade_rcnn_x101_32x4d_fpn": cascade_rcnn_x101_32x4d_fpn,
     "cascade_rcnn_x101_64x4d_fpn": cascade_rcnn_x101_64x4d_fpn,
+    "cascade_rcnn_r101_fpn_mindspore": cascade_rcnn_r101_fpn_mindspore,
+    "cascade_rcnn_r50_fpn_detectron2": cascade_rcnn_r50_fpn_detectron2,
 }
 
 
@@ -213,28 +336,34 @@ def get_preset(name: str, **overrides: Any) -> ModelConfig:
 # Overrides and (de)serialisation
 
 
-def with_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
-    """Return `cfg` with fields replaced; keys may be dotted (`"rpn.nms_thresh"`). Unknown keys raise ConfigError.
+def with_overrides(cfg: Any, overrides: dict[str, Any], _prefix: str = "") -> Any:
+    """Return `cfg` with fields replaced; keys may be dotted (`"rpn.nms_thresh"`). Unknown keys raise ConfigError
+    naming the full key.
 
     Setting `num_classes` without `class_names` drops names that no longer fit.
     """
     nested: dict[str, dict[str, Any]] = {}
     flat: dict[str, Any] = {}
+    names = {f.name for f in dataclasses.fields(cfg)}
     for key, value in overrides.items():
         head, _, rest = key.partition(".")
-        names = {f.name for f in dataclasses.fields(cfg)}
         if head not in names:
-            raise ConfigError(f"unknown config key {key!r} in {type(cfg).__name__}; known: {', '.join(sorted(names))}")
+            raise ConfigError(
+                f"unknown config key {_prefix + key!r} ({type(cfg).__name__} has: {', '.join(sorted(names))})"
+            )
         if rest:
             nested.setdefault(head, {})[rest] = value
         else:
             flat[head] = value
     for head, sub in nested.items():
-        flat[head] = with_overrides(flat.get(head, getattr(cfg, head)), sub)
+        flat[head] = with_overrides(flat.get(head, getattr(cfg, head)), sub, f"{_prefix}{head}.")
+    hints = typing.get_type_hints(type(cfg))
     for name, value in list(flat.items()):
         current = getattr(cfg, name)
         if dataclasses.is_dataclass(current) and isinstance(value, dict):
-            flat[name] = with_overrides(current, value)
+            flat[name] = with_overrides(current, value, f"{_prefix}{name}.")
+        elif not dataclasses.is_dataclass(value):
+            flat[name] = check_value(value, hints[name], _prefix + name)
     if isinstance(cfg, ModelConfig) and "num_classes" in flat and "class_names" not in flat:
         if cfg.class_names is not None and len(cfg.class_names) != flat["num_classes"]:
             flat["class_names"] = None
@@ -246,7 +375,7 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def config_from_dict(data: dict[str, Any], cls: type = ModelConfig) -> Any:
+def config_from_dict(data: dict[str, Any], cls: type = ModelConfig, _prefix: str = "") -> Any:
     """Rebuild a config dataclass from `config_to_dict` output (or a user's TOML/YAML mapping).
 
     Unknown keys raise ConfigError naming the key; lists become tuples; nested dataclasses are rebuilt.
@@ -257,16 +386,53 @@ def config_from_dict(data: dict[str, Any], cls: type = ModelConfig) -> Any:
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         if key not in fields:
-            raise ConfigError(f"unknown config key {key!r} in {cls.__name__}; known: {', '.join(sorted(fields))}")
-        default = fields[key].default_factory() if fields[key].default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
-        if dataclasses.is_dataclass(default):
-            kwargs[key] = config_from_dict(value, type(default))
+            raise ConfigError(f"unknown config key {_prefix + key!r} ({cls.__name__} has: {', '.join(sorted(fields))})")
+        hint = typing.get_type_hints(cls)[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = config_from_dict(value, hint, f"{_prefix}{key}.")
         else:
-            kwargs[key] = _to_tuples(value)
+            kwargs[key] = check_value(value, hint, _prefix + key)
     return cls(**kwargs)
 
 
-def _to_tuples(value: Any) -> Any:
-    if isinstance(value, list):
-        return tuple(_to_tuples(v) for v in value)
-    return value
+def check_value(value: Any, hint: Any, key: str) -> Any:
+    """`value` converted to the field type `hint` (lists to tuples, ints to floats), or ConfigError naming `key`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in args:
+            try:
+                return check_value(value, option, key)
+            except ConfigError:
+                continue
+    elif origin is typing.Literal:
+        if value in args:
+            return value
+    elif origin is tuple and isinstance(value, (list, tuple)):
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(check_value(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(args) == len(value):
+            return tuple(check_value(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    elif hint is type(None):
+        if value is None:
+            return value
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(hint, type) and isinstance(value, hint):
+        return value
+    expected = " or ".join(repr(a) for a in args) if origin is typing.Literal else _type_name(hint)
+    raise ConfigError(f"config key {key!r}: expected {expected}, got {value!r} ({type(value).__name__})")
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is None and hasattr(hint, "__name__"):
+        return hint.__name__
+    return str(hint).replace("typing.", "")

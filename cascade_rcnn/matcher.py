@@ -71,6 +71,20 @@ def intersection_over_box(gt_boxes: Tensor, boxes: Tensor) -> Tensor:
     return inter / area.clamp(min=1e-6)[None, :]
 
 
+def sampling_generator(target: dict[str, Tensor], stream: int) -> torch.Generator | None:
+    """The generator for one image's sampling at one place of the model, or None (torch's global generator).
+
+    A target may carry `sample_seed`, a non-negative int64 scalar below 2**56 (on the CPU, to avoid a device sync).
+    Each sampling step then draws from its own generator seeded by (sample_seed, `stream`) (0 for the RPN, k + 1 for
+    cascade stage k, < 64), so an image's samples do not depend on the other images of its batch or on the process it
+    runs in: a distributed step then equals the single-process step on the combined batch (cascade_rcnn.training).
+    """
+    seed = target.get("sample_seed")
+    if seed is None:
+        return None
+    return torch.Generator().manual_seed(int(seed) * 64 + stream)
+
+
 def sample_indices(
     matches: Tensor, batch_size: int, positive_fraction: float, generator: torch.Generator | None = None
 ) -> tuple[Tensor, Tensor]:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from cascade_rcnn.anchors import AnchorGenerator, valid_anchor_flags
 from cascade_rcnn.box_coder import BoxCoder, clip_boxes
-from cascade_rcnn.matcher import IGNORE, Matcher, sample_indices
+from cascade_rcnn.matcher import IGNORE, Matcher, sample_indices, sampling_generator
 from cascade_rcnn.postprocess import batched_nms
 
 
@@ -51,9 +51,10 @@ class RegionProposalNetwork(nn.Module):
         post_nms_top_n: dict[str, int],
         nms_thresh: float,
         nms_per_level: bool = True,
-        min_size: float = 0.0,
+        min_size: float | None = 0.0,
         smooth_l1_beta: float = 1.0 / 9.0,
         loss_box_weight: float = 1.0,
+        proposal_score: str = "sigmoid",
     ) -> None:
         super().__init__()
         self.anchor_generator = anchor_generator
@@ -69,11 +70,13 @@ class RegionProposalNetwork(nn.Module):
         self.min_size = min_size
         self.smooth_l1_beta = smooth_l1_beta
         self.loss_box_weight = loss_box_weight
+        self.proposal_score = proposal_score
 
     def forward(
         self, features: list[Tensor], image_sizes: list[tuple[int, int]], targets: list[dict[str, Tensor]] | None = None
     ) -> tuple[list[Tensor], list[Tensor], dict[str, Tensor]]:
-        """Proposals per image ((K, 4) boxes, (K,) sigmoid scores) and, when `targets` are given, the RPN losses."""
+        """Proposals per image ((K, 4) boxes, (K,) scores: sigmoid, or logits with proposal_score="logit") and, when
+        `targets` are given, the RPN losses."""
         logits, deltas = self.head(features)
         anchors = self.anchor_generator([f.shape[-2:] for f in features], features[0].device)
         mode = "train" if self.training else "test"
@@ -95,7 +98,9 @@ class RegionProposalNetwork(nn.Module):
         pre_nms, post_nms = self.pre_nms_top_n[mode], self.post_nms_top_n[mode]
         level_boxes, level_scores, level_ids = [], [], []
         for level, (lvl_logits, lvl_deltas, lvl_anchors) in enumerate(zip(logits, deltas, anchors)):
-            scores = lvl_logits.detach().sigmoid()
+            # Ranking by logits (detectron2) keeps apart what float32 sigmoids round to the same value near 1.
+            scores = lvl_logits.detach()
+            scores = scores.sigmoid() if self.proposal_score == "sigmoid" else scores
             k = min(pre_nms, scores.shape[1])
             scores, idx = scores.topk(k, dim=1, sorted=True)
             b = scores.shape[0]
@@ -108,10 +113,12 @@ class RegionProposalNetwork(nn.Module):
         all_levels = torch.cat(level_ids)
         proposals, proposal_scores = [], []
         for boxes, scores, size in zip(all_boxes, all_scores, image_sizes):
-            boxes = clip_boxes(boxes, size, self.box_coder.offset)
-            wh = boxes[:, 2:] - boxes[:, :2]
-            keep = torch.nonzero((wh[:, 0] > self.min_size) & (wh[:, 1] > self.min_size)).squeeze(1)
-            boxes, scores, levels = boxes[keep], scores[keep], all_levels[keep]
+            boxes = clip_boxes(boxes, size, self.box_coder.clip_offset)
+            levels = all_levels
+            if self.min_size is not None:
+                wh = boxes[:, 2:] - boxes[:, :2]
+                keep = torch.nonzero((wh[:, 0] > self.min_size) & (wh[:, 1] > self.min_size)).squeeze(1)
+                boxes, scores, levels = boxes[keep], scores[keep], all_levels[keep]
             groups = levels if self.nms_per_level else torch.zeros_like(levels)
             keep = batched_nms(boxes, scores, groups, self.nms_thresh)[:post_nms]
             proposals.append(boxes[keep])
@@ -143,7 +150,9 @@ class RegionProposalNetwork(nn.Module):
             )
             matches = self.matcher(target["boxes"], all_anchors, target.get("iscrowd"))
             matches = torch.where(valid, matches, torch.full_like(matches, IGNORE))
-            pos, neg = sample_indices(matches, self.batch_size_per_image, self.positive_fraction)
+            pos, neg = sample_indices(
+                matches, self.batch_size_per_image, self.positive_fraction, sampling_generator(target, 0)
+            )
             idx = torch.cat([pos, neg])
             sampled_logits.append(all_logits[i, idx])
             sampled_labels.append(torch.cat([torch.ones_like(pos), torch.zeros_like(neg)]).float())

@@ -45,8 +45,6 @@ NAME_MAP: list[tuple[re.Pattern[str], str]] = [
 ]
 # Parts of mmdetection models that this detector does not have.
 SKIPPED_PREFIXES = ("roi_head.mask_head.", "roi_head.mask_roi_extractor.", "roi_head.semantic_head.")
-# Names that only a detectron2 model has (`roi_heads.` alone is ambiguous: the project uses `roi_heads.box_heads.`).
-DETECTRON2_PREFIXES = ("backbone.bottom_up.", "proposal_generator.", "roi_heads.box_head.", "roi_heads.box_predictor.")
 PROJECT_PREFIXES = ("fpn.", "rpn.head.", "roi_heads.box_heads.")
 
 # (groups, width_per_group) -> preset name prefix of the ResNeXt presets.
@@ -161,14 +159,13 @@ def check_supported_style(meta: dict[str, Any], path: Path) -> None:
 def convert_torch_checkpoint(path: Path, preset: str | None = None) -> Checkpoint:
     """Read a `torch.save` checkpoint (mmdetection's layout, or a bare state_dict in mmdetection or project names)
     and convert it to the project's names and config."""
+    from cascade_rcnn.io.detectron2 import detectron2_checkpoint, is_detectron2_state_dict
     from cascade_rcnn.io.torch_checkpoint import read_torch_checkpoint
 
     state_dict, meta = read_torch_checkpoint(path)
-    if any(name.startswith(DETECTRON2_PREFIXES) for name in state_dict):
-        raise CheckpointError(
-            f"{path}: a detectron2 checkpoint (names such as 'backbone.bottom_up.*', 'proposal_generator.*'); "
-            "detectron2 .pth files are not supported yet, only mmdetection ones"
-        )
+    if is_detectron2_state_dict(state_dict):
+        # A detectron2 trainer file (`{'model': state_dict, ...}`): detectron2's names, conventions and preset.
+        return detectron2_checkpoint(state_dict, preset)
     if any(name.startswith(PROJECT_PREFIXES) for name in state_dict):
         converted, skipped, source_format = dict(state_dict), [], "torch"
     else:
