@@ -195,6 +195,8 @@ def detections_to_coco(
     scores: torch.Tensor | np.ndarray,
     labels: torch.Tensor | np.ndarray,
     category_ids: Sequence[int | None],
+    *,
+    wh_plus_one: bool = False,
     **extra: Any,
 ) -> list[dict[str, Any]]:
     """Convert one image's detections to COCO results dicts.
@@ -204,6 +206,8 @@ def detections_to_coco(
         boxes: (N, 4) `xyxy` in original-image pixels.
         scores: (N,) confidences.
         labels: (N,) 0-based contiguous labels; `category_ids[label]` is the COCO id written, None drops the box.
+        wh_plus_one: write w = x2 - x1 + 1, h = y2 - y1 + 1 (a model's `postprocess.coco_wh_plus_one`: the seed's
+            MindSpore det2json) instead of x2 - x1, y2 - y1.
         extra: more keys copied into every dict (e.g. `file_name`).
 
     Returns:
@@ -224,6 +228,8 @@ def detections_to_coco(
         )
     boxes_xywh = boxes_xyxy.copy()
     boxes_xywh[:, 2:] -= boxes_xyxy[:, :2]
+    if wh_plus_one:
+        boxes_xywh[:, 2:] += 1.0
     results = []
     for box, score, label in zip(boxes_xywh.tolist(), scores_np.tolist(), labels_np.tolist(), strict=True):
         category_id = category_ids[label]
@@ -248,9 +254,10 @@ class CocoResultsWriter:
                 writer.add(image_id, det.boxes, det.scores, det.labels)
     """
 
-    def __init__(self, path: str | Path, category_ids: Sequence[int | None]) -> None:
+    def __init__(self, path: str | Path, category_ids: Sequence[int | None], wh_plus_one: bool = False) -> None:
         self.path = Path(path)
         self.category_ids = list(category_ids)
+        self.wh_plus_one = wh_plus_one  # see `detections_to_coco`
         self.count = 0  # detections written so far
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file: io.TextIOWrapper | None = self.path.open("w", encoding="utf-8")
@@ -265,7 +272,9 @@ class CocoResultsWriter:
         **extra: Any,
     ) -> int:
         """Write one image's detections (see `detections_to_coco`); returns how many dicts were written."""
-        return self.add_results(detections_to_coco(image_id, boxes, scores, labels, self.category_ids, **extra))
+        return self.add_results(
+            detections_to_coco(image_id, boxes, scores, labels, self.category_ids, wh_plus_one=self.wh_plus_one, **extra)
+        )
 
     def add_results(self, results: Iterable[dict[str, Any]]) -> int:
         """Write ready-made COCO results dicts; returns how many."""

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from cascade_rcnn.commands.predict import load_detector, make_output_dir, predict_batch
+from cascade_rcnn.commands.predict import coco_wh_plus_one, load_detector, make_output_dir, predict_batch
 from cascade_rcnn.data.dataset import is_file
 from cascade_rcnn.data.image_io import load_image
 from cascade_rcnn.errors import CascadeRCNNError, DatasetError, ImageReadError
@@ -119,7 +119,8 @@ def _run_model(args: argparse.Namespace, out_dir: Path, write_extras: bool = Tru
     failed: list[str] = []
     stage_writers: list[CocoResultsWriter] = []
     with contextlib.ExitStack() as stack:
-        writer = stack.enter_context(CocoResultsWriter(out_dir / "detections.json", category_ids))
+        plus_one = coco_wh_plus_one(detector)
+        writer = stack.enter_context(CocoResultsWriter(out_dir / "detections.json", category_ids, plus_one))
         progress = stack.enter_context(tqdm(total=len(images), unit="img", desc="eval", file=sys.stderr))
         for start in range(0, len(images), args.batch_size):
             batch = images[start : start + args.batch_size]
@@ -142,8 +143,9 @@ def _run_model(args: argparse.Namespace, out_dir: Path, write_extras: bool = Tru
                             raise CascadeRCNNError("--per-stage: the model returned no per-stage detections")
                         while len(stage_writers) < len(det.stages):  # opened on first sight: the stage count
                             k = len(stage_writers) + 1
+                            stage_path = out_dir / f"detections_stage{k}.json"
                             stage_writers.append(stack.enter_context(
-                                CocoResultsWriter(out_dir / f"detections_stage{k}.json", category_ids)))  # fmt: skip
+                                CocoResultsWriter(stage_path, category_ids, plus_one)))  # fmt: skip
                         for stage_writer, stage in zip(stage_writers, det.stages, strict=True):
                             stage_writer.add(image["id"], stage.boxes, stage.scores, stage.labels)
             progress.update(len(batch))

@@ -96,6 +96,13 @@ def load_detector(weights: str, device: str | None, preset: str | None) -> Detec
     return Detector.from_weights(weights, device=resolve_device(device), preset=preset)
 
 
+def coco_wh_plus_one(detector: Any) -> bool:
+    """Whether the model writes COCO boxes with w = x2 - x1 + 1 (its config's `postprocess.coco_wh_plus_one`: the
+    seed's MindSpore convention); False for detectors without a config."""
+    config = getattr(detector, "config", None)
+    return bool(config is not None and config.postprocess.coco_wh_plus_one)
+
+
 def predict_batch(detector: Any, images: list[np.ndarray], batch_size: int, **kwargs: Any) -> list[Any]:
     """`detector.predict` on a list, always returning a list (the API returns a bare result for a single input)."""
     outputs = detector.predict(images, batch_size=batch_size, **kwargs)
@@ -273,7 +280,9 @@ def run(args: argparse.Namespace) -> int:
                 )
                 for (item, image), det in zip(loaded, outputs, strict=True):
                     boxes, scores, labels = _filtered(det, args.score_thresh, keep_labels)
-                    results = detections_to_coco(item.image_id, boxes, scores, labels, category_ids)
+                    results = detections_to_coco(
+                        item.image_id, boxes, scores, labels, category_ids, wh_plus_one=coco_wh_plus_one(detector)
+                    )
                     writer.add_results(
                         {"image_id": r["image_id"], "file_name": item.path.name, "category_id": r["category_id"],
                          "category_name": class_names[label], "bbox": r["bbox"], "score": r["score"]}
