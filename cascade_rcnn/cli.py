@@ -17,6 +17,8 @@ from cascade_rcnn.errors import CascadeRCNNError
 COMMANDS = {
     "predict": "predict",
     "eval": "eval",
+    "train": "train",
+    "demo": "demo",
     "data": "data",
     "convert": "convert",
 }
