@@ -84,8 +84,14 @@ class Detector:
         results: list[Detections] = []
         for start in range(0, len(items), max(batch_size, 1)):
             tensors = [to_tensor_image(x).to(self.device) for x in items[start : start + batch_size]]
-            with torch.inference_mode():
-                outputs = self.model.predict(tensors, return_stages=return_stages)
+            outputs: list[Detections | None] = [None] * len(tensors)
+            # Images run together only when their padded input sizes are equal: padding a smaller image to a larger
+            # canvas changes the features near its border, and batched results must equal one-by-one results.
+            for group in self._group_by_padded_size(tensors):
+                with torch.inference_mode():
+                    dets = self.model.predict([tensors[i] for i in group], return_stages=return_stages)
+                for i, det in zip(group, dets):
+                    outputs[i] = det
             for det in outputs:
                 det = det.to("cpu").with_class_names(self.class_names)
                 if score_thresh is not None:
@@ -94,6 +100,17 @@ class Detector:
                         det.stages = [s.filter(score_thresh) for s in det.stages]
                 results.append(det)
         return results[0] if single else results
+
+    def _group_by_padded_size(self, tensors: list[Tensor]) -> list[list[int]]:
+        transform = self.model.transform
+        if transform.pad_to is not None:  # a fixed canvas: every image has the same padded size
+            return [list(range(len(tensors)))]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, t in enumerate(tensors):
+            h, w = transform.resized_size(*t.shape[-2:])
+            d = transform.size_divisible
+            groups.setdefault((-(-h // d) * d, -(-w // d) * d), []).append(i)
+        return list(groups.values())
 
 
 def to_tensor_image(image: ImageInput) -> Tensor:
