@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/cascade-rcnn demo --out demo_output
 
 test: $(STAMP)
-	$(PY) -m pytest -q -x --durations=15
+	$(PY) -m pytest -q --durations=25
 
 clean:
 	rm -rf $(VENV) demo_output
