@@ -85,12 +85,15 @@ def save_weights(model: nn.Module, config: ModelConfig, path: str | Path, preset
         "preset": preset or "",
     }
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    # safetensors creates the file owner-only; give it the permissions any new file gets under the user's umask.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    tmp.replace(path)
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        # safetensors creates the file owner-only; give it the permissions any new file gets under the user's umask.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write (full disk) leaves no partial file; the previous one stays
     return path
 
 
