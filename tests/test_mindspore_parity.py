@@ -83,7 +83,7 @@ def feature_stats(x: Tensor) -> np.ndarray:
 def match_rate(
     ref_boxes: Tensor, ref_labels: Tensor, boxes: Tensor, labels: Tensor, iou: float
 ) -> tuple[float, Tensor, Tensor]:
-    """Fraction of reference boxes with a same-label box at IoU > `iou`; the matched reference rows and their matches."""
+    """Fraction of reference boxes with a same-label box at IoU > `iou`; which reference rows matched, and to what."""
     if len(ref_boxes) == 0:
         return 1.0, torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.int64)
     if len(boxes) == 0:
@@ -227,8 +227,8 @@ def test_proposals(runs: list[ImageRun]) -> None:
     for run in runs:
         ref = torch.from_numpy(run.ref["rpn_proposals"][run.ref["rpn_proposal_mask"]])
         assert len(run.proposals) == len(ref) == 1000
-        zeros = torch.zeros(len(ref), dtype=torch.int64)
-        rate, _, _ = match_rate(ref, zeros, run.proposals, torch.zeros(len(run.proposals), dtype=torch.int64), PROPOSAL_IOU)
+        same = torch.zeros(len(ref), dtype=torch.int64)  # proposals have no class
+        rate, _, _ = match_rate(ref, same, run.proposals, same[: len(run.proposals)], PROPOSAL_IOU)
         assert rate >= PROPOSAL_MATCH, f"{image_name(run.ref)}: {rate:.1%} of the proposals matched"
 
 
@@ -238,7 +238,9 @@ def test_stage_heads_on_recorded_rois(runs: list[ImageRun]) -> None:
             torch.testing.assert_close(
                 run.logits[stage], torch.from_numpy(run.ref[f"stage{stage}_cls_logits"]), atol=LOGIT_ATOL, rtol=0
             )
-            torch.testing.assert_close(run.reg[stage], torch.from_numpy(run.ref[f"stage{stage}_reg"]), atol=REG_ATOL, rtol=0)
+            torch.testing.assert_close(
+                run.reg[stage], torch.from_numpy(run.ref[f"stage{stage}_reg"]), atol=REG_ATOL, rtol=0
+            )
 
 
 def clear_argmax(ref: dict[str, np.ndarray], stage: int) -> Tensor:
@@ -254,9 +256,8 @@ def test_refinement_class_includes_background(runs: list[ImageRun]) -> None:
             ref_class = torch.from_numpy(run.ref[f"stage{stage}_cls_logits"]).argmax(dim=1)
             ref_reg = torch.from_numpy(run.ref[f"stage{stage}_reg"]).view(-1, NUM_CLASSES + 1, 4)
             # The recorded selection is the argmax's deltas (background column 0 included).
-            torch.testing.assert_close(
-                ref_reg[torch.arange(len(ref_class)), ref_class], torch.from_numpy(run.ref[f"stage{stage}_reg_selected"])
-            )
+            selected = torch.from_numpy(run.ref[f"stage{stage}_reg_selected"])
+            torch.testing.assert_close(ref_reg[torch.arange(len(ref_class)), ref_class], selected)
             ours = run.logits[stage].argmax(dim=1)
             clear = clear_argmax(run.ref, stage)
             assert torch.equal(ours[clear], ref_class[clear])
@@ -326,7 +327,8 @@ def assert_matches(
 
 
 def reference_detections(run: ImageRun) -> tuple[Tensor, Tensor, Tensor]:
-    return tuple(torch.from_numpy(run.ref[key]) for key in ("det_bboxes", "det_labels", "det_scores"))  # type: ignore[return-value]
+    boxes, labels, scores = (torch.from_numpy(run.ref[key]) for key in ("det_bboxes", "det_labels", "det_scores"))
+    return boxes, labels, scores
 
 
 def test_final_detections_from_recorded_rois(runs: list[ImageRun]) -> None:

@@ -141,7 +141,7 @@ def mindspore_roi_align(feature: np.ndarray, roi: np.ndarray, scale: float, out:
         if y < -1 or y > h or x < -1 or x > w:
             return np.zeros(feature.shape[0])
         y, x = max(y, 0.0), max(x, 0.0)
-        y0, x0 = int(math.floor(y)), int(math.floor(x))
+        y0, x0 = math.floor(y), math.floor(x)
         y1_, x1_ = min(y0 + 1, h - 1), min(x0 + 1, w - 1)
         if y0 >= h - 1:
             y0 = y1_ = h - 1
@@ -289,7 +289,8 @@ def test_head_layout_transposed_with_background_moved_last() -> None:
     ms_reg = ms["rcnn1.reg_scores.weight"]
     np.testing.assert_array_equal(w_reg[320:324], ms_reg[:, 0:4].T)  # background group last
     np.testing.assert_array_equal(w_reg[4 * 7 : 4 * 8], ms_reg[:, 4 * 8 : 4 * 9].T)  # class 7 = MindSpore class 8
-    np.testing.assert_array_equal(sd["roi_heads.box_heads.0.shared_fcs.0.weight"].numpy(), ms["rcnn.shared_fc_0.weight"].T)
+    fc0 = sd["roi_heads.box_heads.0.shared_fcs.0.weight"].numpy()
+    np.testing.assert_array_equal(fc0, ms["rcnn.shared_fc_0.weight"].T)
     no_slot, _ = convert_mindspore_state_dict(ms, reg_background_slot=False)
     np.testing.assert_array_equal(no_slot["roi_heads.box_heads.1.fc_reg.weight"].numpy(), ms_reg[:, 4:].T)
 
