@@ -21,6 +21,8 @@ COMMANDS = {
     "demo": "demo",
     "data": "data",
     "convert": "convert",
+    "export": "export",
+    "benchmark": "benchmark",
 }
 
 

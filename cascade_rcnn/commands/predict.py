@@ -54,6 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--device", metavar="DEVICE", help="torch device, e.g. cpu or cuda:0 (default: cuda when available, else cpu)"
     )
     parser.add_argument("--preset", metavar="NAME", help="model preset (default: from the weights file's metadata)")
+    parser.add_argument(
+        "--backend", choices=["torch", "onnxruntime"], default="torch",
+        help="torch, or onnxruntime: run an exported .onnx file (or export --weights on the fly) with ONNX Runtime",
+    )  # fmt: skip
 
 
 def _positive_int(text: str) -> int:
@@ -256,7 +260,12 @@ def run(args: argparse.Namespace) -> int:
     out_dir: Path = args.out
     images_dir = make_output_dir(make_output_dir(out_dir) / "images")  # before the model loads: fail at once
 
-    detector = load_detector(args.weights, args.device, args.preset)
+    if getattr(args, "backend", "torch") == "torch":
+        detector = load_detector(args.weights, args.device, args.preset)
+    else:
+        from cascade_rcnn.backends import load_backend
+
+        detector = load_backend(args.weights, args.backend, device=args.device, preset=args.preset)
     class_names = tuple(detector.class_names)
     keep_labels = parse_class_filter(args.classes, class_names)
     category_ids = category_ids_for(class_names)

@@ -1,0 +1,78 @@
+"""`cascade-rcnn benchmark`: CPU speed of the detector's inference paths against torchvision's Faster R-CNN.
+
+Times, on the same images interleaved image by image and with the same thread count: our PyTorch fp32 path, its
+bf16 autocast path, the ONNX Runtime path, and torchvision's Faster R-CNN R50-FPN as its pretrained builder builds
+it; every model gets calibrated random weights (so that all do the same post-processing work: score threshold 0, 100
+detections, 1000 proposals). Prints seconds per image and their ratios, FLOPs and parameters, the achieved GFLOP/s
+against this CPU's matmul rate measured in the same run, the batch-of-4 throughput gain and the peak resident memory
+of one image in a fresh process; `--json FILE` writes the same figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from cascade_rcnn.errors import ConfigError
+
+HELP = "Time the inference paths (fp32, bf16, ONNX Runtime) against torchvision's Faster R-CNN on CPU."
+
+DEFAULT_IMAGES = Path(os.environ.get("CASCADE_RCNN_COCO128", "../shared/data/coco128")) / "val2017"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="cascade_rcnn_r50_fpn", help="model preset (cascade_rcnn_r50_fpn)")
+    parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help=f"folder of images ({DEFAULT_IMAGES})")
+    parser.add_argument("--num-images", type=int, default=4, help="timed images, the folder's first in name order (4)")
+    parser.add_argument("--size", default="800x1333", help="short side x long-side cap of the resize (800x1333)")
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads for every path (2)")
+    parser.add_argument("--batch", type=int, default=4, help="batch size of the batched-throughput measurement (4)")
+    parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 path (slow on CPUs without bf16)")
+    parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime path")
+    parser.add_argument("--no-torchvision", action="store_true", help="skip torchvision's Faster R-CNN")
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        short, long = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"--size: expected SHORTxLONG such as 800x1333, got {text!r}") from None
+    if not 0 < short <= long:
+        raise ConfigError(f"--size: need 0 < short side <= long side, got {text!r}")
+    return short, long
+
+
+def run(args: argparse.Namespace) -> int:
+    from cascade_rcnn.benchmark import CALIBRATION_IMAGE, BenchmarkSettings, report, run_benchmark
+    from cascade_rcnn.commands.predict import IMAGE_EXTENSIONS
+
+    min_size, max_size = parse_size(args.size)
+    if not args.images.is_dir():
+        raise ConfigError(f"--images: {args.images} is not a folder (coco128's val2017 is the default)")
+    files = sorted(p for p in args.images.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    calibration = next((p for p in files if p.name == CALIBRATION_IMAGE), files[-1] if files else None)
+    timed = [p for p in files if p != calibration][: args.num_images]
+    if not timed:
+        raise ConfigError(f"--images: {args.images} needs at least two images (one calibrates, the rest are timed)")
+    settings = BenchmarkSettings(
+        images=timed,
+        calibration_image=calibration,
+        preset=args.preset,
+        min_size=min_size,
+        max_size=max_size,
+        threads=args.threads,
+        batch=args.batch,
+        bf16=not args.no_bf16,
+        onnx=not args.no_onnx,
+        torchvision=not args.no_torchvision,
+    )
+    result = run_benchmark(settings, log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(report(result))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0

@@ -1,0 +1,168 @@
+"""Inference optimisations: model transformations that keep the detector's outputs within float rounding.
+
+`optimize_for_inference(model)` returns an inference copy of a `CascadeRCNN` that `Detector` runs by default:
+
+- every FrozenBatchNorm2d folded into the convolution before it (conv(x, w * s) + (b - mean * s), s = gamma /
+  sqrt(var + eps)): one pass over each activation map fewer, and no per-call recomputation of s;
+- backbone, FPN and RPN head run channels-last (NHWC), oneDNN's native layout: no reorders around each convolution;
+- RoIAlign split over the intra-op threads (torchvision's CPU kernel runs on one thread);
+- optionally (`bf16=True`) convolutions and linear layers in bfloat16 (box arithmetic stays float32).
+
+The copy shares every parameter it does not fold (FPN, RPN, box heads) with the original, so it costs one backbone's
+worth of memory, and the original keeps its own names and tensors for saving and training.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import FrozenBatchNorm2d
+
+from cascade_rcnn.roi_align import MultiScaleRoIAlign
+
+
+def fold_batch_norm(module: nn.Module) -> nn.Module:
+    """Fold every FrozenBatchNorm2d that directly follows a convolution into it, in place; returns `module`.
+
+    Pairs are found by the torchvision/mmdetection naming: `convK` + `bnK` siblings, and `Sequential(conv, bn)` (the
+    residual `downsample`). The folded norms become `nn.Identity`.
+    """
+    for parent in list(module.modules()):
+        children = dict(parent.named_children())
+        pairs = [(f"conv{n[2:]}", n) for n in children if n.startswith("bn") and f"conv{n[2:]}" in children]
+        if isinstance(parent, nn.Sequential):
+            pairs += [(a, b) for a, b in zip(list(children)[:-1], list(children)[1:])]
+        for conv_name, bn_name in pairs:
+            conv, bn = children[conv_name], children[bn_name]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, FrozenBatchNorm2d):
+                _fold_into(conv, bn)
+                setattr(parent, bn_name, nn.Identity())
+    return module
+
+
+def _fold_into(conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> None:
+    with torch.no_grad():
+        scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+        bias = bn.bias - bn.running_mean * scale
+        if conv.bias is not None:
+            bias = bias + conv.bias * scale
+        conv.weight.mul_(scale.reshape(-1, 1, 1, 1).to(conv.weight.dtype))
+        conv.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=False)
+
+
+class ChannelsLast(nn.Module):
+    """Runs `body` on a channels-last (NHWC) copy of its input; its outputs stay channels-last."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        return self.body(x.contiguous(memory_format=torch.channels_last))
+
+
+class ThreadedRoIAlign(MultiScaleRoIAlign):
+    """`MultiScaleRoIAlign` with the RoIs split into one chunk per intra-op thread, pooled concurrently (torchvision's
+    CPU RoIAlign is single-threaded and releases the GIL). Each RoI is pooled exactly as before, so outputs are equal.
+
+    Feature maps are made NCHW-contiguous once per forward (the kernel would otherwise copy a channels-last map at
+    every call, once per cascade stage).
+    """
+
+    MIN_ROIS_PER_THREAD = 64
+
+    def __init__(self, source: MultiScaleRoIAlign) -> None:
+        nn.Module.__init__(self)
+        self.__dict__.update({k: v for k, v in source.__dict__.items() if not k.startswith("_")})
+        self._pool: ThreadPoolExecutor | None = None
+        self._source_ref: weakref.ref | None = None
+        self._contiguous: list[Tensor] = []
+
+    def forward(self, features: list[Tensor], rois: Tensor) -> Tensor:
+        features = self._nchw(features)
+        threads = min(torch.get_num_threads(), rois.shape[0] // self.MIN_ROIS_PER_THREAD)
+        if threads <= 1 or rois.device.type != "cpu" or torch.jit.is_tracing():
+            return super().forward(features, rois)
+        if self._pool is None or self._pool._max_workers < threads:
+            self._pool = ThreadPoolExecutor(threads, thread_name_prefix="roi_align")
+        # Grad and inference modes are thread-local: the workers take the caller's.
+        modes = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+        chunks = rois.tensor_split(threads)
+        return torch.cat(list(self._pool.map(lambda c: self._pool_chunk(features, c, modes), chunks)))
+
+    def _pool_chunk(self, features: list[Tensor], rois: Tensor, modes: tuple[bool, bool]) -> Tensor:
+        with torch.set_grad_enabled(modes[0]), torch.inference_mode(modes[1]):
+            return MultiScaleRoIAlign.forward(self, features, rois)
+
+    def _nchw(self, features: list[Tensor]) -> list[Tensor]:
+        levels = features[: len(self.strides)]
+        if all(f.is_contiguous() for f in levels):
+            return levels
+        source = self._source_ref() if self._source_ref is not None else None
+        if source is not levels[0]:
+            # The copies live as long as this forward's features: the weak reference drops them with the features.
+            self._contiguous = [f.contiguous() for f in levels]
+            self._source_ref = weakref.ref(levels[0], lambda _: self._contiguous.clear())
+        return self._contiguous
+
+
+class BFloat16(nn.Module):
+    """Runs `body` under bfloat16 autocast (convolutions and linear layers in bf16, accumulating in fp32); with
+    `float_outputs` its tensor outputs come back as float32, so that box arithmetic never runs in bf16."""
+
+    def __init__(self, body: nn.Module, float_outputs: bool = True) -> None:
+        super().__init__()
+        self.body = body
+        self.float_outputs = float_outputs
+
+    def forward(self, *args: object) -> object:
+        device = next(self.body.parameters()).device.type
+        with torch.autocast(device, dtype=torch.bfloat16):
+            out = self.body(*args)
+        return _to_float(out) if self.float_outputs else out
+
+
+def _to_float(out: object) -> object:
+    if isinstance(out, Tensor):
+        return out.float()
+    if isinstance(out, (list, tuple)):
+        return type(out)(_to_float(o) for o in out)
+    return out
+
+
+def optimize_for_inference(model: nn.Module, bf16: bool = False) -> nn.Module:
+    """An inference copy of a `CascadeRCNN` (see the module docstring); `model` itself is left unchanged.
+
+    `bf16` runs the backbone, FPN, RPN head and box heads under bfloat16 autocast (fast only on CPUs with bf16
+    instructions: avx512_bf16 or AMX); feature maps handed to RoIAlign and every head output are float32.
+    """
+    fast = _shallow_copy(model)
+    fast.backbone = ChannelsLast(fold_batch_norm(copy.deepcopy(model.backbone)))
+    fast.roi_heads = _shallow_copy(model.roi_heads)
+    fast.roi_heads.roi_align = ThreadedRoIAlign(model.roi_heads.roi_align)
+    if bf16:
+        fast.backbone = BFloat16(fast.backbone, float_outputs=False)
+        fast.fpn = BFloat16(model.fpn)
+        fast.rpn = _shallow_copy(model.rpn)
+        fast.rpn.head = BFloat16(model.rpn.head)
+        fast.roi_heads.box_heads = nn.ModuleList(BFloat16(h) for h in model.roi_heads.box_heads)
+    return fast.eval()
+
+
+def _shallow_copy(module: nn.Module) -> nn.Module:
+    """A new module object sharing `module`'s submodules and tensors, whose own submodules can be replaced."""
+    twin = copy.copy(module)
+    twin._modules = dict(module._modules)
+    twin._parameters = dict(module._parameters)
+    twin._buffers = dict(module._buffers)
+    return twin
+
+
+def parameter_versions(module: nn.Module) -> tuple[tuple[int, int], ...]:
+    """(id, in-place version) of every parameter and buffer: changes when weights are loaded or trained in place.
+    (Tensors made under `torch.inference_mode` have no version counter; they cannot change outside it either.)"""
+    return tuple((id(t), -1 if t.is_inference() else t._version) for t in [*module.parameters(), *module.buffers()])

@@ -1,0 +1,230 @@
+"""Inference optimisations keep the outputs: batch-norm folding, the channels-last inference copy, threaded RoIAlign,
+best-first NMS; the Detector's inference copy follows weight changes; FLOP counting and the benchmark's report."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.ops import FrozenBatchNorm2d, box_iou, nms
+
+from cascade_rcnn.api import Detector, to_tensor_image
+from cascade_rcnn.backbone import ResNetBackbone
+from cascade_rcnn.benchmark import calibrate_cascade, count_flops, randomize_weights, report
+from cascade_rcnn.commands.benchmark import parse_size
+from cascade_rcnn.errors import ConfigError
+from cascade_rcnn.fast import ThreadedRoIAlign, fold_batch_norm, optimize_for_inference
+from cascade_rcnn.postprocess import SPLIT_THRESHOLD, multiclass_nms
+from cascade_rcnn.roi_align import MultiScaleRoIAlign
+
+COCO128 = Path(
+    os.environ.get("CASCADE_RCNN_COCO128", Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "coco128")
+)
+VAL = COCO128 / "val2017"
+needs_coco128 = pytest.mark.skipif(
+    not (VAL / "000000001000.jpg").is_file(),
+    reason=f"coco128 not found at {COCO128} (set CASCADE_RCNN_COCO128 to its folder)",
+)
+TINY = {"transform.min_size": 128, "transform.max_size": 192}
+
+
+def random_image(seed: int = 0, size: tuple[int, int] = (120, 170)) -> torch.Tensor:
+    return torch.rand((3, *size), generator=torch.Generator().manual_seed(seed)) * 255
+
+
+def test_fold_batch_norm_keeps_outputs() -> None:
+    backbone = ResNetBackbone(50).eval()
+    randomize_weights(backbone, seed=1)
+    gen = torch.Generator().manual_seed(2)
+    for m in backbone.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+    x = torch.randn(1, 3, 96, 128, generator=gen)
+    folded = fold_batch_norm(copy.deepcopy(backbone))
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, FrozenBatchNorm2d) for m in backbone.modules()) == 53  # the original is untouched
+    with torch.no_grad():
+        for a, b in zip(backbone(x), folded(x)):
+            assert (a - b).abs().max() <= 1e-4 * a.abs().max()
+
+
+def test_inference_copy_shares_heads_and_leaves_model_unchanged() -> None:
+    det = Detector(**TINY)
+    before = {k: v.clone() for k, v in det.model.state_dict().items()}
+    fast = optimize_for_inference(det.model)
+    after = det.model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert fast.roi_heads.box_heads[0].fc_cls.weight is det.model.roi_heads.box_heads[0].fc_cls.weight
+    assert fast.fpn is det.model.fpn and fast.backbone is not det.model.backbone
+    assert isinstance(det.model.roi_heads.roi_align, MultiScaleRoIAlign)
+    assert not isinstance(det.model.roi_heads.roi_align, ThreadedRoIAlign)
+
+
+def test_threaded_roi_align_equals_single_threaded() -> None:
+    gen = torch.Generator().manual_seed(0)
+    features = [torch.randn(2, 8, 64 // s, 96 // s, generator=gen) for s in (1, 2, 4, 8)]
+    xy = torch.rand(600, 2, generator=gen) * torch.tensor([380.0, 250.0])
+    wh = torch.rand(600, 2, generator=gen) * 300 + 1
+    rois = torch.cat([torch.randint(0, 2, (600, 1), generator=gen).float(), xy, xy + wh], dim=1)
+    plain = MultiScaleRoIAlign((4, 8, 16, 32))
+    threaded = ThreadedRoIAlign(plain)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        channels_last = [f.contiguous(memory_format=torch.channels_last) for f in features]
+        with torch.inference_mode():
+            expected = plain(features, rois)
+            assert torch.equal(threaded(channels_last, rois), expected)
+            assert torch.equal(threaded(channels_last, rois[:5]), expected[:5])  # too few RoIs to split
+    finally:
+        torch.set_num_threads(previous)
+
+
+def reference_multiclass_nms(boxes, scores, score_thresh, nms_thresh, max_detections):
+    """mmcv's semantics written plainly: the offset trick below SPLIT_THRESHOLD candidates, a per-class loop above."""
+    n, c = scores.shape
+    boxes = boxes.reshape(n, -1, 4).expand(n, c, 4).reshape(-1, 4)
+    labels = torch.arange(c).expand(n, c).reshape(-1)
+    scores = scores.reshape(-1)
+    keep = torch.nonzero(scores > score_thresh).squeeze(1)
+    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+    if boxes.shape[0] < SPLIT_THRESHOLD:
+        keep = nms(boxes + (labels.to(boxes) * (boxes.max() + 1))[:, None], scores, nms_thresh)
+    else:
+        mask = torch.zeros_like(scores, dtype=torch.bool)
+        for label in labels.unique():
+            idx = torch.nonzero(labels == label).squeeze(1)
+            mask[idx[nms(boxes[idx], scores[idx], nms_thresh)]] = True
+        keep = torch.nonzero(mask).squeeze(1)
+        keep = keep[scores[keep].argsort(descending=True, stable=True)]
+    keep = keep[:max_detections]
+    return boxes[keep], scores[keep], labels[keep]
+
+
+@pytest.mark.parametrize("score_thresh", [0.05, 0.001, 0.0])
+@pytest.mark.parametrize("class_specific", [False, True])
+def test_best_first_nms_equals_full_nms(score_thresh: float, class_specific: bool) -> None:
+    gen = torch.Generator().manual_seed(int(score_thresh * 1000) + class_specific)
+    n, c = 1000, 80
+    xy = torch.rand(n, 2, generator=gen) * 600
+    boxes = torch.cat([xy, xy + torch.rand(n, 2, generator=gen) * 150 + 2], dim=1)
+    if class_specific:
+        boxes = torch.cat([boxes + torch.randn(n, 4, generator=gen) * 3 for _ in range(c)], dim=1)
+    logits = torch.randn(n, c + 1, generator=gen) * 4
+    logits[:, c] += 8
+    scores = logits.softmax(dim=1)[:, :c]
+    scores[::7] = scores[::7].mul(64).round().div(64)  # exact ties too
+    expected = reference_multiclass_nms(boxes, scores, score_thresh, 0.5, 100)
+    got = multiclass_nms(boxes, scores, score_thresh, 0.5, 100)
+    assert len(expected[0]) == 100
+    for a, b in zip(expected, got):
+        assert torch.equal(a, b)
+
+
+@needs_coco128
+def test_optimized_detector_matches_plain_one() -> None:
+    det = Detector(**{"transform.min_size": 320, "transform.max_size": 512})
+    calibrate_cascade(det.model, to_tensor_image(VAL / "000000001000.jpg"), delta_std=0.5, logit_std=2.5,
+                      background_logit=6.0)  # fmt: skip
+    paths = [VAL / "000000000139.jpg", VAL / "000000000632.jpg"]
+    fast = det.predict(paths)
+    det.optimize = False
+    plain = det.predict(paths)
+    for a, b in zip(plain, fast):
+        assert len(a) == len(b) == 100
+        iou = box_iou(a.boxes, b.boxes) * (a.labels[:, None] == b.labels[None, :])
+        best, j = iou.max(dim=1)
+        assert bool((best > 0.99).all())  # same detections, near-tied ones possibly in another order
+        assert float((a.boxes - b.boxes[j]).abs().max()) < 5e-2
+        assert float((a.scores - b.scores[j]).abs().max()) < 5e-4
+
+
+def test_inference_copy_follows_weight_changes() -> None:
+    det = Detector(**TINY)
+    image = random_image()
+    det.predict(image)
+    first = det.inference_model
+    assert det.inference_model is first  # cached while the weights stay the same
+    with torch.no_grad():
+        det.model.backbone.conv1.weight.mul_(2.0)
+    assert det.inference_model is not first
+    assert torch.equal(det.inference_model.backbone.body.conv1.bias, first.backbone.body.conv1.bias)
+    assert not torch.equal(det.inference_model.backbone.body.conv1.weight, first.backbone.body.conv1.weight)
+
+
+def test_bf16_path_runs_with_float32_boxes() -> None:
+    det = Detector(**TINY, bf16=True)
+    with torch.no_grad():
+        det.model.roi_heads.box_heads[-1].fc_cls.bias[:80] += 8.0  # some detections above the threshold
+    out = det.predict(random_image())
+    assert len(out) > 0 and out.boxes.dtype == torch.float32 and out.scores.dtype == torch.float32
+    fast = det.inference_model
+    assert fast.roi_heads.box_heads[0].body is det.model.roi_heads.box_heads[0]
+
+
+def test_flop_count_equals_conv_and_linear_macs() -> None:
+    """FlopCounterMode (operator level) agrees with multiply-adds summed from every conv/linear call's shapes."""
+    det = Detector(**TINY)
+    model = det.model
+    macs = []
+
+    def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        if isinstance(module, torch.nn.Conv2d):
+            k = module.weight[0].numel()
+            macs.append(output.numel() * k)
+        else:
+            macs.append(output.numel() * module.in_features)
+
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    handles = [m.register_forward_hook(hook) for m in layers]
+    with torch.inference_mode():
+        model.predict([random_image()])
+    for h in handles:
+        h.remove()
+    with torch.inference_mode():
+        flops = count_flops(lambda: model.predict([random_image()]))
+    assert flops == 2 * sum(macs)
+    assert len(macs) > 3 * 4  # the cascade's three stages (four linear layers each) were counted
+
+
+def test_benchmark_report_and_size() -> None:
+    assert parse_size("800x1333") == (800, 1333)
+    with pytest.raises(ConfigError):
+        parse_size("1333x800")
+    paths = ("torch_fp32", "torch_bf16", "onnxruntime", "torchvision_faster_rcnn")
+    secs = dict(zip(paths, (4.0, 8.0, 3.0, 4.2)))
+    result = {
+        "seconds_per_image": secs,
+        "median_seconds_per_image": secs,
+        "detections_per_image": dict.fromkeys(paths, 100.0),
+        "ratio_vs_torchvision_fp32": 4.0 / 4.2,
+        "onnxruntime_speedup": 4.0 / 3.0,
+        "bf16_speedup": 0.5,
+        "batch4_speedup": 1.1,
+        "batch_size": 4,
+        "gflops_per_image": 450.0,
+        "achieved_gflops": 112.0,
+        "matmul_gflops": 180.0,
+        "matmul_fraction": 112.0 / 180.0,
+        "params": 69_000_000,
+        "peak_rss_mb": 1400.0,
+        "peak_rss_mb_by_path": {"torch_fp32": 1400.0},
+        "settings": {
+            "preset": "p",
+            "size": "800x1333",
+            "threads": 2,
+            "images": ["a", "b"],
+            "detections": 100,
+            "proposals": 1000,
+            "calibration_image": "c",
+            "cpu": "cpu",
+            "torch": "2",
+        },
+    }
+    text = report(result)
+    for needle in ("ONNX Runtime", "bf16", "torchvision", "0.95", "GFLOP/s", "1400 MB", "69.0 M"):
+        assert needle in text
