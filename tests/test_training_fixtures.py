@@ -81,6 +81,9 @@ def cli_command(*args: str) -> list[str]:
 def cli_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    # OpenMP threads that spin while waiting slow a CPU run several-fold when other processes share the cores (as
+    # pytest-xdist or a busy CI machine do); sleeping waits cost little on an idle machine.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return env
 
 

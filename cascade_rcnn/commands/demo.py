@@ -45,7 +45,7 @@ DEMO_TRAIN: dict[str, Any] = {
     "scale_lr": False,
     "lr": 0.02,
     "batch_size": 4,
-    "warmup_iters": 100,
+    "warmup_iters": 50,
     "clip_grad_norm": 10.0,
     "eval_interval": 0,
     "log_interval": 10,
@@ -55,7 +55,7 @@ DEMO_TRAIN: dict[str, Any] = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder (created; reused files overwritten)")
-    parser.add_argument("--epochs", type=int, default=12, help="training epochs (12)")
+    parser.add_argument("--epochs", type=int, default=6, help="training epochs (6; the lr drops 10x for the last)")
     parser.add_argument("--num-train", type=int, default=200, help="synthetic training images (200)")
     parser.add_argument("--num-val", type=int, default=50, help="synthetic val images (50)")
     parser.add_argument("--max-iters", type=int, default=0, help="stop training after this many iterations")
@@ -67,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def demo_experiment(data: dict[str, Path], out: Path, epochs: int, seed: int, max_iters: int) -> dict[str, Any]:
     """The demo's training config, as the mapping a config file would hold."""
-    steps = [max(epochs * 3 // 4, 1)] if epochs > 1 else []
+    steps = [epochs - 1] if epochs > 1 else []  # lr x 0.1 for the last epoch
     return {
         "preset": "cascade_rcnn_r50_fpn",
         "model": DEMO_MODEL,

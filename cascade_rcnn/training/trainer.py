@@ -469,7 +469,7 @@ class Trainer:
         short = {"loss_rpn_cls": "rpn_cls", "loss_rpn_box": "rpn_box"}
         parts = [f"loss {sum(values.values()):.3f}"]
         parts += [f"{short.get(k, k.removeprefix('loss_'))} {v:.3f}" for k, v in values.items()]
-        return " ".join(parts) + f" lr {lr:.2e}"
+        return " ".join(parts) + f" lr {lr:.2e}"  # the iteration, rate and ETA are tqdm's own fields
 
     @contextlib.contextmanager
     def _progress_bar(self):  # type: ignore[no-untyped-def]
@@ -479,9 +479,10 @@ class Trainer:
             return
         from tqdm import tqdm
 
-        # tqdm's rate and ETA are per iteration; images/s is batch x processes x it/s.
-        self._bar = tqdm(total=self.total_iters, initial=self.iteration, unit="it", dynamic_ncols=True,
-                         desc=f"train (x{self.exp.train.batch_size * self.info.world_size} img)")  # fmt: skip
+        # Counted in iterations, shown in images (batch x processes per iteration): the rate is images/s; the ETA
+        # is tqdm's, from the recent rate.
+        self._bar = tqdm(total=self.total_iters, initial=self.iteration, unit="img", dynamic_ncols=True,
+                         unit_scale=self.exp.train.batch_size * self.info.world_size, desc="train")  # fmt: skip
         try:
             yield
         finally:
