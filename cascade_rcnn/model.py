@@ -69,8 +69,6 @@ class CascadeRCNN(nn.Module):
     def predict_batch(self, batch: ImageBatch, return_stages: bool = False) -> list[Detections]:
         features = self.fpn(self.backbone(batch.tensor))
         proposals, _, _ = self.rpn(features, batch.image_sizes)
-        # RoIAlign reads NCHW maps; the inference copy (cascade_rcnn.fast) runs the convolutions channels-last.
-        features = [f.contiguous() for f in features]
         candidates = self.roi_heads.predict(features, proposals, batch.image_sizes)
         results = []
         for cand, factor, size in zip(candidates, batch.scale_factors, batch.original_sizes):

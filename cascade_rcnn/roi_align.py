@@ -13,6 +13,7 @@ spans [x1 * scale, (x2 + 1) * scale] on its level with no 1-cell minimum, and w 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
@@ -70,14 +71,7 @@ class MultiScaleRoIAlign(nn.Module):
                 half = 0.5 * stride
                 level_rois = level_rois + level_rois.new_tensor([0.0, half, half, 1.0 + half, 1.0 + half])
                 aligned = True
-            pooled = roi_align(
-                features[level],
-                level_rois,
-                self.output_size,
-                spatial_scale=1.0 / stride,
-                sampling_ratio=self.sampling_ratio,
-                aligned=aligned,
-            )
+            pooled = self.pool_level(features[level], level_rois, stride, aligned)
             if tracing:
                 level_indices.append(idx)
                 level_pooled.append(pooled)
@@ -90,3 +84,73 @@ class MultiScaleRoIAlign(nn.Module):
             inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
             out = torch.cat(level_pooled)[inverse].to(out.dtype)
         return out
+
+    def pool_level(self, feature: Tensor, rois: Tensor, stride: int, aligned: bool) -> Tensor:
+        """RoIAlign of `rois` (K, 5) on one level `feature` (B, C, H, W) -> (K, C, S, S): torchvision's kernel."""
+        return roi_align(
+            feature, rois, self.output_size, spatial_scale=1.0 / stride, sampling_ratio=self.sampling_ratio,
+            aligned=aligned,
+        )
+
+
+def roi_align_channels_last(
+    feature: Tensor, rois: Tensor, output_size: int, spatial_scale: float, sampling_ratio: int, aligned: bool
+) -> Tensor:
+    """`torchvision.ops.roi_align`, computed as weighted sums of feature-map rows: for CPU inference on channels-last
+    maps, where it is several times faster than torchvision's kernel (which reads one channel plane at a time on one
+    thread). Equal to torchvision's result up to float rounding (the sums run in another order).
+
+    Every sample point of every bin is placed exactly as torchvision places it (bin size, adaptive grid
+    ceil(bin size) when `sampling_ratio` <= 0, the half-pixel offset of `aligned`, the 1-cell minimum without it, the
+    out-of-map and border rules of its bilinear interpolation). Each output bin is then one bag of
+    `embedding_bag(mode="sum")`: the 4 corner pixels of each of its samples, weighted by the bilinear weight divided
+    by the bin's sample count. Samples are enumerated exactly (no padding to the largest grid: elongated RoIs would
+    make that several times the work).
+
+    feature: (B, C, H, W), best channels-last (a (B*H*W, C) view then needs no copy); rois: (K, 5) [batch_idx, x1,
+    y1, x2, y2] in input pixels. Returns (K, C, S, S) with channels-last strides.
+    """
+    batch, channels, height, width = feature.shape
+    s, k, device = output_size, rois.shape[0], rois.device
+    table = feature.permute(0, 2, 3, 1).reshape(batch * height * width, channels)
+    offset = 0.5 if aligned else 0.0
+    start = rois[:, 1:3] * spatial_scale - offset  # (K, 2) as (x, y)
+    size = rois[:, 3:5] * spatial_scale - offset - start
+    if not aligned:
+        size = size.clamp(min=1.0)
+    bin_size = size / s
+    if sampling_ratio > 0:
+        grid = torch.full(bin_size.shape, sampling_ratio, dtype=torch.long, device=device)
+    else:
+        grid = torch.ceil(bin_size).clamp(min=0).long()
+    per_bin = grid[:, 0] * grid[:, 1]  # samples in each bin of a RoI (K,)
+    # One row per sample, RoI by RoI, bin by bin (row-major bins), y-major within a bin.
+    roi = torch.repeat_interleave(torch.arange(k, device=device), per_bin * (s * s))
+    first = torch.cumsum(per_bin * (s * s), 0) - per_bin * (s * s)
+    local = torch.arange(roi.shape[0], device=device) - first[roi]
+    n, gx = per_bin[roi], grid[roi, 0]
+    bin_index, within = local // n, local % n
+    points = []
+    for a, (cell, sample, limit) in enumerate(
+        [(bin_index % s, within % gx, width), (bin_index // s, within // gx, height)]
+    ):
+        step, g = bin_size[roi, a], grid[roi, a].to(feature.dtype)
+        c = start[roi, a] + cell.to(feature.dtype) * step + (sample.to(feature.dtype) + 0.5) * step / g
+        valid = (c >= -1.0) & (c <= limit)
+        c = c.clamp(min=0)
+        low = c.long()
+        top = low >= limit - 1
+        low = torch.where(top, limit - 1, low)
+        frac = torch.where(top, 0.0, c - low)
+        points.append((low, torch.where(top, low, low + 1), frac, valid))
+    (x0, x1, fx, x_ok), (y0, y1, fy, y_ok) = points
+    base = rois[roi, 0].long() * (height * width)
+    row0, row1 = base + y0 * width, base + y1 * width
+    index = torch.stack([row0 + x0, row0 + x1, row1 + x0, row1 + x1], dim=1).flatten()
+    wy = torch.stack([1.0 - fy, fy], dim=1) * ((x_ok & y_ok) / n.to(feature.dtype))[:, None]
+    wx = torch.stack([1.0 - fx, fx], dim=1)
+    weight = (wy[:, :, None] * wx[:, None, :]).flatten()
+    bag_sizes = torch.repeat_interleave(4 * per_bin, s * s)
+    offsets = torch.cumsum(bag_sizes, 0) - bag_sizes
+    pooled = F.embedding_bag(index, table, offsets, mode="sum", per_sample_weights=weight)
+    return pooled.view(k, s, s, channels).permute(0, 3, 1, 2)

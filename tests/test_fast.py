@@ -1,4 +1,4 @@
-"""Inference optimisations keep the outputs: batch-norm folding, the channels-last inference copy, threaded RoIAlign,
+"""Inference optimisations keep the outputs: batch-norm folding, the channels-last inference copy, gather RoIAlign,
 best-first NMS; the Detector's inference copy follows weight changes; FLOP counting and the benchmark's report."""
 
 from __future__ import annotations
@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchvision.ops import FrozenBatchNorm2d, box_iou, nms
+from torchvision.ops import FrozenBatchNorm2d, box_iou, nms, roi_align
 
 from cascade_rcnn.api import Detector, to_tensor_image
 from cascade_rcnn.backbone import ResNetBackbone
 from cascade_rcnn.benchmark import calibrate_cascade, count_flops, randomize_weights, report
 from cascade_rcnn.commands.benchmark import parse_size
 from cascade_rcnn.errors import ConfigError
-from cascade_rcnn.fast import ThreadedRoIAlign, fold_batch_norm, optimize_for_inference
+from cascade_rcnn.fast import GatherRoIAlign, fold_batch_norm, optimize_for_inference
 from cascade_rcnn.postprocess import SPLIT_THRESHOLD, multiclass_nms
-from cascade_rcnn.roi_align import MultiScaleRoIAlign
+from cascade_rcnn.roi_align import MultiScaleRoIAlign, roi_align_channels_last
 
 COCO128 = Path(
     os.environ.get("CASCADE_RCNN_COCO128", Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "coco128")
@@ -61,27 +61,50 @@ def test_inference_copy_shares_heads_and_leaves_model_unchanged() -> None:
     assert fast.roi_heads.box_heads[0].fc_cls.weight is det.model.roi_heads.box_heads[0].fc_cls.weight
     assert fast.fpn is det.model.fpn and fast.backbone is not det.model.backbone
     assert isinstance(det.model.roi_heads.roi_align, MultiScaleRoIAlign)
-    assert not isinstance(det.model.roi_heads.roi_align, ThreadedRoIAlign)
+    assert not isinstance(det.model.roi_heads.roi_align, GatherRoIAlign)
 
 
-def test_threaded_roi_align_equals_single_threaded() -> None:
+def random_rois(n: int, width: float, height: float, batch: int, seed: int) -> torch.Tensor:
+    """RoIs of all shapes: inside, across and outside the map, thin, huge, empty and inverted."""
+    gen = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=gen) * torch.tensor([width, height]) * 1.3 - 20
+    wh = torch.rand(n, 2, generator=gen) ** 3 * torch.tensor([width, height]) * 1.5
+    rois = torch.cat([torch.randint(0, batch, (n, 1), generator=gen).float(), xy, xy + wh], dim=1)
+    rois[:4, 3:] = rois[:4, 1:3]  # empty
+    rois[4:8, 3:] = rois[4:8, 1:3] - 3  # inverted
+    rois[8:12, 1:] = torch.tensor([-50.0, -50.0, -10.0, -10.0])  # wholly outside
+    rois[-3:, 3:] = rois[-3:, 1:3]  # empty bags at the very end
+    return rois
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
+@pytest.mark.parametrize("size", [(37, 23), (50, 76)])
+def test_gather_roi_align_equals_torchvision(aligned: bool, sampling_ratio: int, size: tuple[int, int]) -> None:
+    gen = torch.Generator().manual_seed(sum(size) + sampling_ratio)
+    feature = torch.randn(2, 16, *size, generator=gen)
+    rois = random_rois(400, size[1] * 8, size[0] * 8, batch=2, seed=sampling_ratio)
+    expected = roi_align(feature, rois, 7, 1 / 8, sampling_ratio, aligned)
+    for layout in (torch.channels_last, torch.contiguous_format):
+        out = roi_align_channels_last(feature.contiguous(memory_format=layout), rois, 7, 1 / 8, sampling_ratio, aligned)
+        assert out.shape == expected.shape
+        assert (out - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert expected[8:12].abs().max() == 0  # the RoIs wholly outside the map pool zeros (the out-of-map rule)
+    assert roi_align_channels_last(feature, rois[:0], 7, 1 / 8, sampling_ratio, aligned).shape == (0, 16, 7, 7)
+
+
+def test_gather_roi_align_multi_level_matches_plain() -> None:
     gen = torch.Generator().manual_seed(0)
     features = [torch.randn(2, 8, 64 // s, 96 // s, generator=gen) for s in (1, 2, 4, 8)]
-    xy = torch.rand(600, 2, generator=gen) * torch.tensor([380.0, 250.0])
-    wh = torch.rand(600, 2, generator=gen) * 300 + 1
-    rois = torch.cat([torch.randint(0, 2, (600, 1), generator=gen).float(), xy, xy + wh], dim=1)
-    plain = MultiScaleRoIAlign((4, 8, 16, 32))
-    threaded = ThreadedRoIAlign(plain)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(3)
-    try:
+    rois = random_rois(600, 380.0, 250.0, batch=2, seed=1)
+    for plus_one, aligned in [(False, True), (True, False)]:
+        plain = MultiScaleRoIAlign((4, 8, 16, 32), aligned=aligned, plus_one=plus_one)
+        gather = GatherRoIAlign(plain)
         channels_last = [f.contiguous(memory_format=torch.channels_last) for f in features]
         with torch.inference_mode():
             expected = plain(features, rois)
-            assert torch.equal(threaded(channels_last, rois), expected)
-            assert torch.equal(threaded(channels_last, rois[:5]), expected[:5])  # too few RoIs to split
-    finally:
-        torch.set_num_threads(previous)
+            out = gather(channels_last, rois)
+        assert (out - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
 def reference_multiclass_nms(boxes, scores, score_thresh, nms_thresh, max_detections):
