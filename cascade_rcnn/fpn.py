@@ -3,6 +3,7 @@ convs (no activations), and P6 by a stride-2 1x1 max-pool of P5 (mmdetection `ad
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -18,10 +19,32 @@ class FPN(nn.Module):
 
     def forward(self, features: list[Tensor]) -> list[Tensor]:
         """[C2..C5] -> [P2..P6], each (B, out_channels, H_l, W_l)."""
-        laterals = [conv(f) for conv, f in zip(self.lateral_convs, features)]
+        return self.outputs([conv(f) for conv, f in zip(self.lateral_convs, features)])
+
+    def outputs(self, laterals: list[Tensor]) -> list[Tensor]:
+        """[P2..P6] from the lateral maps [L2..L5] (the 1x1 convs' outputs). `laterals` is consumed: the top-down sums
+        are made in place, and the list is emptied as the output convs read it, so each map is freed as soon as
+        possible (at 800 x 1333 the stride-4 map alone is 62 MB)."""
         for i in range(len(laterals) - 1, 0, -1):
-            # Upsample to the lateral's exact size: equals x2 on /32-padded inputs, and stays right on odd sizes.
-            laterals[i - 1] = laterals[i - 1] + F.interpolate(laterals[i], size=laterals[i - 1].shape[-2:], mode="nearest")
-        outs = [conv(lat) for conv, lat in zip(self.fpn_convs, laterals)]
+            add_upsampled_(laterals[i - 1], laterals[i])
+        outs = []
+        while laterals:
+            outs.append(self.fpn_convs[len(outs)](laterals.pop(0)))
         outs.append(F.max_pool2d(outs[-1], 1, stride=2))
         return outs
+
+
+def add_upsampled_(fine: Tensor, coarse: Tensor) -> Tensor:
+    """fine += nearest-neighbour upsampling of `coarse` to fine's size, in place.
+
+    When fine is exactly twice coarse's size (every level of a /32-padded input), nearest upsampling repeats each
+    coarse pixel 2 x 2, so it is added through a broadcasting view with no upsampled copy; other sizes (odd inputs)
+    go through `F.interpolate(size=...)`, which picks source pixel floor(dst * in / out): the same rule.
+    """
+    (h, w), (hc, wc) = fine.shape[-2:], coarse.shape[-2:]
+    if (h, w) == (2 * hc, 2 * wc) and not torch.jit.is_tracing():
+        b, c = fine.shape[:2]
+        fine.view(b, c, hc, 2, wc, 2).add_(coarse[:, :, :, None, :, None])
+    else:
+        fine.add_(F.interpolate(coarse, size=(h, w), mode="nearest"))
+    return fine

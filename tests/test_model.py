@@ -132,3 +132,31 @@ def test_class_specific_regression_trains_and_predicts():
     det = model.predict([images()[1]])[0]
     assert det.boxes.shape[1] == 4
     assert (det.boxes[:, 2] <= 110 + 1e-3).all() and (det.boxes[:, 3] <= 150 + 1e-3).all()
+
+
+@pytest.mark.parametrize("size", [(64, 96), (50, 75)])  # /32-padded, and odd sizes (interpolation fallback)
+def test_fpn_in_place_top_down_equals_upsample_and_add(size):
+    """FPN.outputs sums the top-down path in place (a broadcasting view for exact 2x): same values and gradients as
+    the textbook laterals[i - 1] + interpolate(laterals[i], nearest)."""
+    import torch.nn.functional as F
+
+    from cascade_rcnn.fpn import FPN
+
+    torch.manual_seed(0)
+    fpn = FPN()
+    h, w = size
+    features = [torch.randn(2, c, -(-h // s), -(-w // s), requires_grad=True)
+                for c, s in zip((256, 512, 1024, 2048), (1, 2, 4, 8))]
+
+    def reference(feats):
+        laterals = [conv(f) for conv, f in zip(fpn.lateral_convs, feats)]
+        for i in range(3, 0, -1):
+            laterals[i - 1] = laterals[i - 1] + F.interpolate(laterals[i], size=laterals[i - 1].shape[-2:])
+        outs = [conv(lat) for conv, lat in zip(fpn.fpn_convs, laterals)]
+        return outs + [F.max_pool2d(outs[-1], 1, stride=2)]
+
+    ours, expected = fpn(features), reference(features)
+    assert all(torch.equal(a, b) for a, b in zip(ours, expected))
+    grads = torch.autograd.grad(sum(o.square().sum() for o in ours), features)
+    expected_grads = torch.autograd.grad(sum(o.square().sum() for o in expected), features)
+    assert all((a - b).abs().max() <= 1e-5 * b.abs().max() for a, b in zip(grads, expected_grads))
