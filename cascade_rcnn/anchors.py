@@ -23,9 +23,10 @@ class AnchorGenerator(nn.Module):
     ) -> None:
         super().__init__()
         self.strides = strides
-        self.base_anchors = [
-            base_anchors(stride, scales, ratios, center_offset, legacy_v1) for stride in strides
-        ]
+        with torch.device("cpu"):  # constants of the config: on the CPU even when the model is built on meta
+            self.base_anchors = [
+                base_anchors(stride, scales, ratios, center_offset, legacy_v1) for stride in strides
+            ]
 
     @property
     def num_anchors_per_location(self) -> int:

@@ -21,7 +21,7 @@ from cascade_rcnn.data.image_io import load_image, to_rgb
 from cascade_rcnn.errors import CascadeRCNNError, CheckpointError
 from cascade_rcnn.model import CascadeRCNN, build_model
 from cascade_rcnn.structures import Detections
-from cascade_rcnn.weights import LoadReport, load_checkpoint, load_into_model, save_weights
+from cascade_rcnn.weights import LoadReport, build_loaded_model, load_checkpoint, save_weights
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray, Tensor]
 
@@ -39,14 +39,16 @@ class Detector:
         device: str | torch.device = "cpu",
         optimize: bool = True,
         bf16: bool = False,
+        model: CascadeRCNN | None = None,
         **overrides: Any,
     ) -> None:
         """`optimize` runs inference on an optimised copy of the model (batch norm folded, channels-last; outputs equal
-        up to float rounding; see `cascade_rcnn.fast`); `bf16` runs its convolutions and linear layers in bfloat16."""
+        up to float rounding; see `cascade_rcnn.fast`); `bf16` runs its convolutions and linear layers in bfloat16.
+        `model` wraps an already built model of this config instead of building an untrained one."""
         self.config = config if config is not None else get_preset(preset, **overrides)
         self.preset = preset
         self.device = torch.device(device)
-        self.model: CascadeRCNN = build_model(self.config).to(self.device).eval()
+        self.model: CascadeRCNN = (model if model is not None else build_model(self.config)).to(self.device).eval()
         self.load_report: LoadReport | None = None
         self.optimize = optimize
         self.bf16 = bf16
@@ -79,17 +81,19 @@ class Detector:
         MindSpore .ckpt, or a known weights name such as `mindspore-coco`). `preset` overrides the file's own."""
         path = resolve_weights(weights)
         checkpoint = load_checkpoint(path, preset)
+        try:
+            model, report = build_loaded_model(checkpoint.config, checkpoint.state_dict, checkpoint.skipped)
+        except CheckpointError as error:  # its messages name the tensor; say which file as well
+            raise CheckpointError(f"{path}: {error}") from None
         detector = cls(
             checkpoint.preset or "cascade_rcnn_r50_fpn",
             config=checkpoint.config,
             device=device,
             optimize=optimize,
             bf16=bf16,
+            model=model,
         )
-        try:
-            detector.load_report = load_into_model(detector.model, checkpoint.state_dict, skipped=checkpoint.skipped)
-        except CheckpointError as error:  # its messages name the tensor; say which file as well
-            raise CheckpointError(f"{path}: {error}") from None
+        detector.load_report = report
         return detector
 
     @property

@@ -31,7 +31,7 @@ class RPNHead(nn.Module):
         """Per level: objectness (B, H*W*A) and deltas (B, H*W*A, 4), flattened in anchor order."""
         logits, deltas = [], []
         for x in features:
-            t = F.relu(self.conv(x))
+            t = F.relu(self.conv(x), inplace=True)  # in place: at stride 4 the map is 62 MB at 800 x 1333
             b = t.shape[0]
             logits.append(self.cls_logits(t).permute(0, 2, 3, 1).reshape(b, -1))
             deltas.append(self.bbox_pred(t).permute(0, 2, 3, 1).reshape(b, -1, 4))

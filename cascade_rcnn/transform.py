@@ -64,8 +64,9 @@ class Transform(nn.Module):
         self.clip_to = clip_to
         self.resize_rule = resize_rule
         self.resize_method = resize_method
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(3, 1, 1), persistent=False)
+        # Constants of the config, not weights: made on the CPU even when the model is built on the meta device.
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, device="cpu").view(3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, device="cpu").view(3, 1, 1), persistent=False)
 
     def resize_steps(self, h: int, w: int, min_size: int | None = None) -> tuple[list[tuple[int, int]], float]:
         """The (new_h, new_w) of each successive resize of an (h, w) image (one, or two with `second_rescale`) and the

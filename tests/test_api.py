@@ -87,6 +87,26 @@ def test_safetensors_round_trip(detector, tmp_path):
     assert_same(detector.predict(image), loaded.predict(image), atol=0)
 
 
+def test_loaded_model_owns_its_weights(detector, tmp_path):
+    """from_weights builds on the meta device and takes the checkpoint's tensors: every tensor ends up real, on the
+    CPU, frozen stages stay frozen, and the weights do not depend on the file afterwards (overwritten in place)."""
+    path = detector.save(tmp_path / "model.safetensors")
+    loaded = Detector.from_weights(path)
+    tensors = dict(loaded.model.named_parameters()) | dict(loaded.model.named_buffers())
+    assert not any(t.is_meta for t in tensors.values()) and {t.device.type for t in tensors.values()} == {"cpu"}
+    assert len(loaded.model.rpn.anchor_generator.base_anchors) == 5
+    assert all(a.device.type == "cpu" for a in loaded.model.rpn.anchor_generator.base_anchors)
+    grads = {n: p.requires_grad for n, p in detector.model.named_parameters()}
+    assert {n: p.requires_grad for n, p in loaded.model.named_parameters()} == grads
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    size = path.stat().st_size
+    with open(path, "r+b") as f:  # in place: same inode, every byte after the header zeroed
+        f.seek(4096)
+        f.write(b"\x00" * (size - 4096))
+    after = loaded.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_weights_errors_are_clear(tmp_path):
     with pytest.raises(CascadeRCNNError, match="no-such-file"):
         Detector.from_weights(tmp_path / "no-such-file.safetensors")

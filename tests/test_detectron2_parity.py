@@ -328,12 +328,13 @@ def test_post_processing_on_recorded_tensors(detector, records, i):
         refined = heads.decode_stage(stage, proposals_to_rois([t[f"stage{stage}_boxes"]]),
                                      t[f"stage{stage}_cls_logits"], t[f"stage{stage}_deltas"], torch.tensor([size]))
         assert_close_rel(refined, record[f"stage{stage + 1}_boxes"], BOX_REL, f"stage {stage + 1} input boxes")
-    # Scores: per-stage softmax, then (p0 + p1 + p2) * (1 / 3), bit for bit.
+    # Scores: per-stage softmax, then (p0 + p1 + p2) * (1 / 3), to the last few bits: torch's vectorised exp rounds
+    # differently on AVX2 and AVX-512 CPUs (up to 6 ulp measured), so bit equality would test the CPU, not the formula.
     logits = [t[f"stage{s}_cls_logits"] for s in range(3)]
     for s in range(3):
-        np.testing.assert_array_equal(F.softmax(logits[s], dim=1).numpy(), record[f"stage{s}_probs"])
+        np.testing.assert_array_max_ulp(F.softmax(logits[s], dim=1).numpy(), record[f"stage{s}_probs"], maxulp=8)
     scores = combine_stage_scores(logits, heads.score_ensemble)
-    np.testing.assert_array_equal(scores.numpy(), record["prenms_scores"])
+    np.testing.assert_array_max_ulp(scores.numpy(), record["prenms_scores"], maxulp=8)
     # Final boxes: stage-2 deltas on stage-2 boxes with weights (30, 30, 15, 15), not yet clipped.
     prenms = heads.box_coders[2].decode(t["stage2_deltas"], t["stage2_boxes"])
     assert_close_rel(prenms, record["prenms_boxes"], BOX_REL, "pre-NMS boxes")

@@ -35,8 +35,10 @@ SMALL = {"transform.min_size": 320, "transform.max_size": 512}
 # The tolerances. fp32 rounding differs between oneDNN and ONNX Runtime (summation order), and a random
 # network amplifies it (its features change within a pixel), so near-tied detections can swap places: detections are
 # matched by label and IoU, all must match, boxes within 1e-2 px, and scores within 1e-4 for all but a rare one (each
-# within 5e-4). With these weights the largest score difference seen on coco128 images was 1.05e-4 (1 of 500).
-BOX_TOL, SCORE_TOL, SCORE_TOL_ALL, SCORE_FRACTION = 1e-2, 1e-4, 5e-4, 0.98
+# within 5e-4). The floor is the noise of float32 itself: on an AVX-512 CPU, for the 100 detections of image 785,
+# PyTorch's plain and optimised paths (both exact up to rounding) agree within 1e-4 on 95% of the scores (largest
+# difference 1.7e-4), and ONNX Runtime with either on 97-98% (1.3e-4 to 1.4e-4); on an AVX2 CPU, 99.8% (1.05e-4).
+BOX_TOL, SCORE_TOL, SCORE_TOL_ALL, SCORE_FRACTION = 1e-2, 1e-4, 5e-4, 0.95
 
 
 def calibrated_detector(**overrides: object) -> Detector:
