@@ -278,12 +278,12 @@ def cpu_description() -> str:
     return f"{name} ({', '.join(have) or 'no avx2'}{'; no ' + '/'.join(lacking) if lacking and flags else ''})"
 
 
-def peak_rss_child(kind: str, weights: str, image: str, threads: int) -> float:
-    """In a fresh process: load `weights`, detect on `image`, return the process's peak resident memory in MB."""
-    import resource
-
+def peak_rss_child(kind: str, weights: str, image: str, threads: int) -> tuple[float, float]:
+    """In a fresh process: load `weights`, detect on `image`. Returns the process's peak resident memory in MB, and
+    its resident memory once Python, torch, torchvision and this package are imported (before any model exists)."""
     from cascade_rcnn.api import Detector, to_tensor_image
 
+    runtime = _proc_status_mb("VmRSS")
     torch.set_num_threads(threads)
     img = to_tensor_image(image)
     if kind == "torch_fp32":
@@ -294,14 +294,22 @@ def peak_rss_child(kind: str, weights: str, image: str, threads: int) -> float:
         model.load_state_dict(meta["state_dict"])
         with torch.inference_mode():
             model([img / 255.0])
-    try:  # this process image's own high-water mark (ru_maxrss would include the parent's, kept across fork + exec)
+    # This process image's own high-water mark (ru_maxrss would include the parent's, kept across fork + exec).
+    return _proc_status_mb("VmHWM"), runtime
+
+
+def _proc_status_mb(field: str) -> float:
+    """A memory figure of this process from /proc/self/status, in MB (ru_maxrss where there is no /proc)."""
+    import resource
+
+    try:
         with open("/proc/self/status") as f:
-            return next(float(line.split()[1]) / 1024.0 for line in f if line.startswith("VmHWM:"))
+            return next(float(line.split()[1]) / 1024.0 for line in f if line.startswith(f"{field}:"))
     except (OSError, StopIteration):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _measure_peak_rss(kind: str, weights: Path, image: Path, threads: int) -> float:
+def _measure_peak_rss(kind: str, weights: Path, image: Path, threads: int) -> tuple[float, float]:
     import json
     import os
     import subprocess
@@ -317,7 +325,8 @@ def _measure_peak_rss(kind: str, weights: Path, image: Path, threads: int) -> fl
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"peak-memory child process failed:\n{out.stderr[-2000:]}")
-    return float(json.loads(out.stdout.strip().splitlines()[-1]))
+    peak, runtime = json.loads(out.stdout.strip().splitlines()[-1])
+    return float(peak), float(runtime)
 
 
 def run_benchmark(settings: BenchmarkSettings, log: Callable[[str], None] = print) -> dict:
@@ -418,12 +427,13 @@ def run_benchmark(settings: BenchmarkSettings, log: Callable[[str], None] = prin
 
     log("measuring peak memory in fresh processes ...")
     weights = fp32.save(work / "weights.safetensors")
-    rss = {"torch_fp32": _measure_peak_rss("torch_fp32", weights, s.images[0], s.threads)}
+    measured = {"torch_fp32": _measure_peak_rss("torch_fp32", weights, s.images[0], s.threads)}
     if tv is not None:
         tv_weights = work / "torchvision.pt"
         torch.save({"settings": tv_settings, "state_dict": tv.state_dict()}, tv_weights)
-        rss["torchvision_faster_rcnn"] = _measure_peak_rss("torchvision", tv_weights, s.images[0], s.threads)
+        measured["torchvision_faster_rcnn"] = _measure_peak_rss("torchvision", tv_weights, s.images[0], s.threads)
     tmp.cleanup()
+    rss = {name: peak for name, (peak, _) in measured.items()}
 
     mean = {name: statistics.fmean(t) for name, t in times.items()}
     achieved = statistics.fmean(f / t for f, t in zip(flops, times["torch_fp32"])) / 1e9
@@ -446,6 +456,8 @@ def run_benchmark(settings: BenchmarkSettings, log: Callable[[str], None] = prin
         "params": count_parameters(fp32.model),
         "peak_rss_mb": rss["torch_fp32"],
         "peak_rss_mb_by_path": rss,
+        # What the process holds before any model exists: the floor under every path's peak.
+        "runtime_rss_mb_by_path": {name: runtime for name, (_, runtime) in measured.items()},
         "detections_per_image": {name: statistics.fmean(d) for name, d in detections.items()},
         "settings": {
             "preset": s.preset,
@@ -531,4 +543,10 @@ def report(result: dict) -> str:
         + ", ".join(f"{k} {v:.0f} MB" for k, v in result["peak_rss_mb_by_path"].items())
         + "  (target <= 1500 MB for ours)",
     ]
+    if "runtime_rss_mb_by_path" in result:
+        lines.append(
+            "  of which Python + torch + torchvision:  "
+            + ", ".join(f"{k} {v:.0f} MB" for k, v in result["runtime_rss_mb_by_path"].items())
+            + " (imported, before any model exists)"
+        )
     return "\n".join(lines)

@@ -108,7 +108,7 @@ def _write_image(path: Path, size: tuple[int, int], seed: int) -> Path:
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> FixedBoxDetector:
     detector = FixedBoxDetector()
-    monkeypatch.setattr(predict_command, "load_detector", lambda weights, device, preset: detector)
+    monkeypatch.setattr(predict_command, "load_detector", lambda weights, device, preset, bf16=False: detector)
     return detector
 
 
@@ -279,7 +279,7 @@ def test_eval_model_mode_with_oracle_scores_ap_one(
 ) -> None:  # fmt: skip
     annotations, dataset = small_set
     oracle = OracleDetector(dataset, VAL_IMAGES, class_names)
-    monkeypatch.setattr(eval_command, "load_detector", lambda weights, device, preset: oracle)
+    monkeypatch.setattr(eval_command, "load_detector", lambda weights, device, preset, bf16=False: oracle)
     out = tmp_path / "out"
 
     code = main(["eval", "--weights", "w", "--images", str(VAL_IMAGES), "--annotations", str(annotations),
@@ -303,7 +303,7 @@ def test_eval_per_stage_reports_each_stage_and_the_ensemble(
 ) -> None:
     annotations, dataset = small_set
     oracle = OracleDetector(dataset, VAL_IMAGES, COCO_CLASSES)
-    monkeypatch.setattr(eval_command, "load_detector", lambda weights, device, preset: oracle)
+    monkeypatch.setattr(eval_command, "load_detector", lambda weights, device, preset, bf16=False: oracle)
     out = tmp_path / "out"
 
     code = main(["eval", "--weights", "w", "--images", str(VAL_IMAGES), "--annotations", str(annotations),
@@ -335,7 +335,7 @@ def test_eval_unreadable_image_is_skipped_and_missing_one_is_an_error(
     broken_json = tmp_path / "with_broken.json"
     broken_json.write_text(json.dumps(with_broken))
     oracle = OracleDetector(dataset, images_dir, COCO_CLASSES)
-    monkeypatch.setattr(eval_command, "load_detector", lambda weights, device, preset: oracle)
+    monkeypatch.setattr(eval_command, "load_detector", lambda weights, device, preset, bf16=False: oracle)
 
     code = main(["eval", "--weights", "w", "--images", str(images_dir), "--annotations", str(broken_json),
                  "--out", str(tmp_path / "out")])  # fmt: skip
@@ -409,3 +409,30 @@ def test_eval_per_stage_end_to_end_with_real_detector(tiny_weights: Path, tmp_pa
         assert list(metrics) == list(METRIC_NAMES)
         assert all(v == -1.0 or 0.0 <= v <= 1.0 for v in metrics.values())
     assert {r["category_id"] for r in _results(out)} <= kept
+
+
+def test_bf16_flag_reaches_the_detector_and_is_refused_with_onnxruntime(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image = _write_image(tmp_path / "in" / "a.png", (80, 60), seed=0)
+    seen: dict[str, bool] = {}
+    detector = FixedBoxDetector()
+
+    def load(weights: str, device: str | None, preset: str | None, bf16: bool = False) -> FixedBoxDetector:
+        seen["bf16"] = bf16
+        return detector
+
+    monkeypatch.setattr(predict_command, "load_detector", load)
+    assert main(["predict", "--weights", "w.safetensors", str(image), "--out", str(tmp_path / "o"), "--bf16"]) == 0
+    assert seen == {"bf16": True}
+    code = main(["predict", "--weights", "w.onnx", str(image), "--out", str(tmp_path / "o2"), "--bf16",
+                 "--backend", "onnxruntime"])  # fmt: skip
+    assert code == 2 and "--bf16 applies to the torch backend" in capsys.readouterr().err
+
+
+def test_default_batch_size_is_one_on_the_cpu() -> None:
+    from types import SimpleNamespace
+
+    assert predict_command.default_batch_size(SimpleNamespace(device=torch.device("cpu"))) == 1
+    assert predict_command.default_batch_size(SimpleNamespace(device="cuda:0")) == 2
+    assert predict_command.default_batch_size(object()) == 1  # ONNX Runtime: no torch device, runs on the CPU

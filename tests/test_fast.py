@@ -242,6 +242,7 @@ def test_benchmark_report_and_size() -> None:
         "params": 69_000_000,
         "peak_rss_mb": 1400.0,
         "peak_rss_mb_by_path": {"torch_fp32": 1400.0},
+        "runtime_rss_mb_by_path": {"torch_fp32": 901.0},
         "settings": {
             "preset": "p",
             "size": "800x1333",
@@ -255,5 +256,25 @@ def test_benchmark_report_and_size() -> None:
         },
     }
     text = report(result)
-    for needle in ("ONNX Runtime", "bf16", "torchvision", "0.95", "GFLOP/s", "1400 MB", "69.0 M"):
+    for needle in ("ONNX Runtime", "bf16", "torchvision", "0.95", "GFLOP/s", "1400 MB", "901 MB", "69.0 M"):
         assert needle in text
+
+
+@needs_coco128
+def test_benchmark_command_writes_every_figure(tmp_path: Path) -> None:
+    """`cascade-rcnn benchmark` end to end at a tiny size (timings themselves are not checked: they are the output)."""
+    import json
+
+    from cascade_rcnn.cli import main
+
+    out = tmp_path / "bench.json"
+    args = ["benchmark", "--images", str(VAL), "--num-images", "1", "--size", "96x128", "--batch", "2", "--no-onnx"]
+    assert main([*args, "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for key in ("ratio_vs_torchvision_fp32", "matmul_gflops", "achieved_gflops", "matmul_fraction", "bf16_speedup",
+                "batch4_speedup", "gflops_per_image", "params", "peak_rss_mb"):
+        assert result[key] > 0, key
+    assert result["seconds_per_image"]["onnxruntime"] is None and result["onnxruntime_speedup"] is None
+    assert all(result["seconds_per_image"][k] > 0 for k in ("torch_fp32", "torch_bf16", "torchvision_faster_rcnn"))
+    assert 0 < result["runtime_rss_mb_by_path"]["torch_fp32"] < result["peak_rss_mb"]
+    assert result["detections_per_image"]["torch_fp32"] == 100  # calibrated weights at score threshold 0: full work

@@ -22,7 +22,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from cascade_rcnn.commands.predict import coco_wh_plus_one, load_detector, make_output_dir, predict_batch
+from cascade_rcnn.commands.predict import (
+    BATCH_HELP,
+    add_bf16_argument,
+    coco_wh_plus_one,
+    default_batch_size,
+    load_detector,
+    make_output_dir,
+    predict_batch,
+)
 from cascade_rcnn.data.dataset import is_file
 from cascade_rcnn.data.image_io import load_image
 from cascade_rcnn.errors import CascadeRCNNError, DatasetError, ImageReadError
@@ -56,11 +64,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="write metrics.json, PR curves (and with --weights, detections.json) here",
     )
     parser.add_argument("--per-stage", action="store_true", help="also score each cascade stage's own output")
-    parser.add_argument("--batch-size", type=_positive_int, default=2, metavar="N", help="images per forward pass (2)")
+    parser.add_argument("--batch-size", type=_positive_int, metavar="N", help=BATCH_HELP)
     parser.add_argument(
         "--device", metavar="DEVICE", help="torch device, e.g. cpu or cuda:0 (default: cuda when available, else cpu)"
     )
     parser.add_argument("--preset", metavar="NAME", help="model preset (default: from the weights file's metadata)")
+    add_bf16_argument(parser)
 
 
 def _positive_int(text: str) -> int:
@@ -73,7 +82,7 @@ def _positive_int(text: str) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.detections is not None:
         model_only = [flag for flag, given in (("--images", args.images), ("--per-stage", args.per_stage),
-                                               ("--preset", args.preset)) if given]  # fmt: skip
+                                               ("--preset", args.preset), ("--bf16", args.bf16)) if given]  # fmt: skip
         if model_only:
             print(f"error: {', '.join(model_only)} only apply with --weights", file=sys.stderr)
             return 2
@@ -111,7 +120,8 @@ def _run_model(args: argparse.Namespace, out_dir: Path, write_extras: bool = Tru
         raise DatasetError(f"{len(missing)} images of {args.annotations} are not in {args.images}", missing)
 
     make_output_dir(out_dir)  # before the model loads: a bad --out fails at once
-    detector = load_detector(args.weights, args.device, args.preset)
+    detector = load_detector(args.weights, args.device, args.preset, bf16=args.bf16)
+    batch_size = args.batch_size or default_batch_size(detector)
     category_ids, how = map_labels_to_category_ids(tuple(detector.class_names), gt)
     print(f"model labels -> annotation category ids: {how}", file=sys.stderr)
 
@@ -122,8 +132,8 @@ def _run_model(args: argparse.Namespace, out_dir: Path, write_extras: bool = Tru
         plus_one = coco_wh_plus_one(detector)
         writer = stack.enter_context(CocoResultsWriter(out_dir / "detections.json", category_ids, plus_one))
         progress = stack.enter_context(tqdm(total=len(images), unit="img", desc="eval", file=sys.stderr))
-        for start in range(0, len(images), args.batch_size):
-            batch = images[start : start + args.batch_size]
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size]
             loaded: list[tuple[dict[str, Any], Any]] = []
             for image in batch:
                 try:
@@ -133,7 +143,7 @@ def _run_model(args: argparse.Namespace, out_dir: Path, write_extras: bool = Tru
                     failed.append(str(args.images / image["file_name"]))
             if loaded:
                 outputs = predict_batch(
-                    detector, [pixels for _, pixels in loaded], args.batch_size, return_stages=args.per_stage
+                    detector, [pixels for _, pixels in loaded], batch_size, return_stages=args.per_stage
                 )
                 for (image, _), det in zip(loaded, outputs, strict=True):
                     writer.add(image["id"], det.boxes, det.scores, det.labels)
