@@ -37,107 +37,75 @@ def shared_dir() -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def mmdet_reference_dir(shared_dir: Path) -> Path:
-    """`shared/reference/mmdet`: the real mmdetection's outputs with a rebuildable checkpoint (see its README)."""
-    path = shared_dir / "reference" / "mmdet"
-    if not (path / "make_checkpoint.py").is_file() or not (path / "recipe.json").is_file():
-        pytest.skip(f"mmdetection reference not found at {path}")
+def reference_dir(shared_dir: Path, peer: str, script: str, what: str) -> Path:
+    """`shared/reference/<peer>` when it holds its checkpoint script and recipe (skips the test otherwise)."""
+    path = shared_dir / "reference" / peer
+    if not (path / script).is_file() or not (path / "recipe.json").is_file():
+        pytest.skip(f"{what} reference not found at {path}")
     return path
 
 
-@pytest.fixture(scope="session")
-def mmdet_reference_checkpoint(mmdet_reference_dir: Path) -> Path:
-    """The mmdetection reference checkpoint (~280 MB), rebuilt by the reference's own `make_checkpoint.py` into the
-    cache the first time, then reused. The script verifies the tensors' sha256 before it writes; the file is written
-    under a temporary name and renamed, so an interrupted build never leaves a file that looks complete."""
-    sha256 = json.loads((mmdet_reference_dir / "recipe.json").read_text())["state_dict_sha256"]
-    target = cache_path() / "reference" / f"mmdet_cascade_rcnn_r50_fpn_{sha256[:16]}.pth"
-    if target.is_file():
+def rebuilt_checkpoint(script: Path, name: str, size: int | None = None) -> Path:
+    """The reference checkpoint `name`, built by the reference's own `script` into the cache the first time, then
+    reused (a cached file of another `size` is rebuilt). Each script checks its sha256 before it writes; the file is
+    written under a temporary name and renamed, so an interrupted build never leaves a file that looks complete."""
+    target = cache_path() / "reference" / name
+    if target.is_file() and (size is None or target.stat().st_size == size):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
     try:
-        result = subprocess.run(
-            [sys.executable, str(mmdet_reference_dir / "make_checkpoint.py"), str(tmp)],
-            check=False,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        result = subprocess.run([sys.executable, str(script), str(tmp)], capture_output=True, text=True, timeout=600)
         if result.returncode != 0:
-            pytest.fail(f"make_checkpoint.py failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+            pytest.fail(f"{script.name} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
     return target
+
+
+def _recipe(folder: Path) -> dict:
+    return json.loads((folder / "recipe.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def mmdet_reference_dir(shared_dir: Path) -> Path:
+    """`shared/reference/mmdet`: the real mmdetection's outputs with a rebuildable checkpoint (see its README)."""
+    return reference_dir(shared_dir, "mmdet", "make_checkpoint.py", "mmdetection")
+
+
+@pytest.fixture(scope="session")
+def mmdet_reference_checkpoint(mmdet_reference_dir: Path) -> Path:
+    """The mmdetection reference checkpoint (~280 MB)."""
+    sha256 = _recipe(mmdet_reference_dir)["state_dict_sha256"]
+    name = f"mmdet_cascade_rcnn_r50_fpn_{sha256[:16]}.pth"
+    return rebuilt_checkpoint(mmdet_reference_dir / "make_checkpoint.py", name)
 
 
 @pytest.fixture(scope="session")
 def mindspore_reference_dir(shared_dir: Path) -> Path:
     """`shared/reference/mindspore`: the real MindSpore Cascade R-CNN's outputs with a rebuildable checkpoint."""
-    path = shared_dir / "reference" / "mindspore"
-    if not (path / "make_ckpt.py").is_file() or not (path / "recipe.json").is_file():
-        pytest.skip(f"MindSpore reference not found at {path}")
-    return path
+    return reference_dir(shared_dir, "mindspore", "make_ckpt.py", "MindSpore")
 
 
 @pytest.fixture(scope="session")
 def mindspore_reference_ckpt(mindspore_reference_dir: Path) -> Path:
-    """The MindSpore reference `.ckpt` (358 MB), rebuilt by the reference's own numpy-only `make_ckpt.py` into the
-    cache the first time, then reused. The script checks the file's sha256 against the one MindSpore wrote (and exits
-    non-zero otherwise); it writes under a temporary name that is renamed only after that check."""
-    recipe = json.loads((mindspore_reference_dir / "recipe.json").read_text())
-    target = cache_path() / "reference" / f"mindspore_cascade_rcnn_r101_{recipe['sha256'][:16]}.ckpt"
-    if target.is_file() and target.stat().st_size == recipe["size_bytes"]:
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-    try:
-        result = subprocess.run(
-            [sys.executable, str(mindspore_reference_dir / "make_ckpt.py"), str(tmp)],
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        if result.returncode != 0:
-            pytest.fail(f"make_ckpt.py failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
+    """The MindSpore reference `.ckpt` (358 MB), from a numpy-only script that checks the file's sha256 against the
+    one MindSpore wrote."""
+    recipe = _recipe(mindspore_reference_dir)
+    name = f"mindspore_cascade_rcnn_r101_{recipe['sha256'][:16]}.ckpt"
+    return rebuilt_checkpoint(mindspore_reference_dir / "make_ckpt.py", name, recipe["size_bytes"])
 
 
 @pytest.fixture(scope="session")
 def detectron2_reference_dir(shared_dir: Path) -> Path:
     """`shared/reference/detectron2`: the real detectron2's outputs with a rebuildable checkpoint (see its README)."""
-    path = shared_dir / "reference" / "detectron2"
-    if not (path / "make_checkpoint.py").is_file() or not (path / "recipe.json").is_file():
-        pytest.skip(f"detectron2 reference not found at {path}")
-    return path
+    return reference_dir(shared_dir, "detectron2", "make_checkpoint.py", "detectron2")
 
 
 @pytest.fixture(scope="session")
 def detectron2_reference_checkpoint(detectron2_reference_dir: Path) -> Path:
-    """The detectron2 reference model-zoo `.pkl` (278 MB), rebuilt by the reference's own numpy-only
-    `make_checkpoint.py` into the cache the first time, then reused. The script verifies the tensors' sha256 before it
-    writes; the file is written under a temporary name and renamed, so an interrupted build never looks complete."""
-    sha256 = json.loads((detectron2_reference_dir / "recipe.json").read_text())["state_dict_sha256"]
-    target = cache_path() / "reference" / f"detectron2_cascade_rcnn_r50_fpn_{sha256[:16]}.pkl"
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-    try:
-        result = subprocess.run(
-            [sys.executable, str(detectron2_reference_dir / "make_checkpoint.py"), str(tmp)],
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        if result.returncode != 0:
-            pytest.fail(f"make_checkpoint.py failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
+    """The detectron2 reference model-zoo `.pkl` (278 MB), from a numpy-only script."""
+    sha256 = _recipe(detectron2_reference_dir)["state_dict_sha256"]
+    name = f"detectron2_cascade_rcnn_r50_fpn_{sha256[:16]}.pkl"
+    return rebuilt_checkpoint(detectron2_reference_dir / "make_checkpoint.py", name)
