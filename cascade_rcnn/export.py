@@ -26,7 +26,8 @@ Why the graph is shaped as it is:
   coordinate, exactly as `postprocess.batched_nms` computes it below 10000 candidates, so the same boxes are
   compared in the same float32 arithmetic. (Above 10000 candidates the PyTorch path runs mmcv's per-class NMS, whose
   IoUs differ from the offset boxes' by float rounding: detections can differ where an IoU is within ~1e-4 of the
-  threshold.)
+  threshold.) The seed's `class_nms="per_class"` (always one NMS per class) is exported the same way, with the same
+  caveat; detectron2's `"torchvision"` NMS and its `rescale="after_nms"` are not exported.
 - Top-k sizes are min(k, level size) computed in the graph, so feature maps smaller than k at other input sizes work.
 """
 
@@ -189,8 +190,8 @@ class DetectorGraph(nn.Module):
 def check_exportable(model: nn.Module) -> None:
     """Raise ExportError naming each setting of `model` that `DetectorGraph` does not reproduce."""
     problems = []
-    if getattr(model, "class_nms", "offset") != "offset":
-        problems.append(f"postprocess.class_nms={model.class_nms!r} (only 'offset', mmcv's, is exported)")
+    if getattr(model, "class_nms", "offset") not in ("offset", "per_class"):
+        problems.append(f"postprocess.class_nms={model.class_nms!r} (only 'offset' and 'per_class' are exported)")
     if getattr(model, "rescale", "before_nms") != "before_nms":
         problems.append(f"postprocess.rescale={model.rescale!r} (only 'before_nms' is exported)")
     if problems:
