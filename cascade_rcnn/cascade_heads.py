@@ -75,14 +75,22 @@ class CascadeROIHeads(nn.Module):
         self.score_ensemble = score_ensemble
         self.refine_class = refine_class
         self.refine_box_dtype = refine_box_dtype
+        self.rois_per_chunk: int | None = None
 
     @property
     def num_stages(self) -> int:
         return len(self.box_heads)
 
     def run_stage(self, stage: int, features: list[Tensor], rois: Tensor) -> tuple[Tensor, Tensor]:
-        """Logits (N, K + 1) and raw deltas of `stage` for `rois` (N, 5) = [batch_idx, x1, y1, x2, y2]."""
-        return self.box_heads[stage](self.roi_align(features, rois))
+        """Logits (N, K + 1) and raw deltas of `stage` for `rois` (N, 5) = [batch_idx, x1, y1, x2, y2].
+
+        With `rois_per_chunk` set (the inference copy sets it), RoIs are pooled and classified a chunk at a time: each
+        RoI's result is its own, and the pooled features (50 MB for 1000 RoIs) need not all exist at once."""
+        chunk = self.rois_per_chunk
+        if chunk is None or rois.shape[0] <= chunk or torch.jit.is_tracing():
+            return self.box_heads[stage](self.roi_align(features, rois))
+        parts = [self.box_heads[stage](self.roi_align(features, part)) for part in rois.split(chunk)]
+        return torch.cat([logits for logits, _ in parts]), torch.cat([deltas for _, deltas in parts])
 
     def decode_stage(self, stage: int, rois: Tensor, logits: Tensor, deltas: Tensor, image_sizes: Tensor,
                      labels: Tensor | None = None) -> Tensor:

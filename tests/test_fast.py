@@ -278,3 +278,18 @@ def test_benchmark_command_writes_every_figure(tmp_path: Path) -> None:
     assert all(result["seconds_per_image"][k] > 0 for k in ("torch_fp32", "torch_bf16", "torchvision_faster_rcnn"))
     assert 0 < result["runtime_rss_mb_by_path"]["torch_fp32"] < result["peak_rss_mb"]
     assert result["detections_per_image"]["torch_fp32"] == 100  # calibrated weights at score threshold 0: full work
+
+
+def test_rois_in_chunks_equal_all_at_once() -> None:
+    det = Detector(**TINY)
+    heads = optimize_for_inference(det.model).roi_heads
+    gen = torch.Generator().manual_seed(3)
+    features = [torch.randn(1, 256, 48 // s, 64 // s, generator=gen) for s in (1, 2, 4, 8)]
+    rois = torch.cat([torch.zeros(700, 1), random_rois(700, 250.0, 190.0, batch=1, seed=4)[:, 1:]], dim=1)
+    with torch.inference_mode():
+        heads.rois_per_chunk = None
+        whole = heads.run_stage(1, features, rois)
+        heads.rois_per_chunk = 256  # 3 chunks, the last one short
+        chunked = heads.run_stage(1, features, rois)
+    for a, b in zip(whole, chunked):
+        assert a.shape == b.shape and (a - b).abs().max() <= 1e-5 * a.abs().max()
