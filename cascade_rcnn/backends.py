@@ -45,7 +45,10 @@ class OnnxModel:
             "images": batch.tensor.contiguous().numpy(),
             "image_sizes": np.asarray(batch.image_sizes, dtype=np.int64).reshape(-1, 2),
             "scale_factors": np.asarray(batch.scale_factors, dtype=np.float64).reshape(-1, 2),
+            "original_sizes": np.asarray(batch.original_sizes, dtype=np.int64).reshape(-1, 2),
         }
+        wanted = {i.name for i in self.session.get_inputs()}  # original_sizes: only graphs that rescale after NMS
+        feeds = {name: value for name, value in feeds.items() if name in wanted}
         boxes, scores, labels, image = (torch.from_numpy(x) for x in self.session.run(None, feeds))
         return [
             Detections(boxes[image == i], scores[image == i], labels[image == i]) for i in range(len(images))

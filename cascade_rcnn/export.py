@@ -26,8 +26,11 @@ Why the graph is shaped as it is:
   coordinate, exactly as `postprocess.batched_nms` computes it below 10000 candidates, so the same boxes are
   compared in the same float32 arithmetic. (Above 10000 candidates the PyTorch path runs mmcv's per-class NMS, whose
   IoUs differ from the offset boxes' by float rounding: detections can differ where an IoU is within ~1e-4 of the
-  threshold.) The seed's `class_nms="per_class"` (always one NMS per class) is exported the same way, with the same
-  caveat; detectron2's `"torchvision"` NMS and its `rescale="after_nms"` are not exported.
+  threshold.) The seed's `class_nms="per_class"` (always one NMS per class) and detectron2's `"torchvision"` (one NMS
+  per class above 1000 candidates) are exported the same way, with the same caveat.
+- detectron2's `rescale="after_nms"` (NMS in the resized frame, then boxes mapped back, clipped to the original image
+  and empty ones dropped) needs each image's original size: such graphs take a fourth input, `original_sizes`
+  (B, 2) int64 (h, w) (`ImageBatch.original_sizes`), and may return fewer than `detections_per_image` per image.
 - Top-k sizes are min(k, level size) computed in the graph, so feature maps smaller than k at other input sizes work.
 """
 
@@ -128,14 +131,17 @@ class DetectorGraph(nn.Module):
         self.score_thresh = model.score_thresh
         self.nms_thresh = model.nms_thresh
         self.detections_per_image = model.detections_per_image
+        self.rescale = getattr(model, "rescale", "before_nms")
 
-    def forward(self, images: Tensor, image_sizes: Tensor, scale_factors: Tensor) -> tuple[Tensor, ...]:
+    def forward(
+        self, images: Tensor, image_sizes: Tensor, scale_factors: Tensor, original_sizes: Tensor | None = None
+    ) -> tuple[Tensor, ...]:
         features = self.fpn(self.backbone(images))
         sizes = image_sizes.to(torch.float32)
         rois = self.proposals(features, sizes)
         features = [f.contiguous() for f in features]
         scores, stage_boxes, _ = self.roi_heads.predict_rois(features, rois, sizes)
-        return self.detections(stage_boxes[-1], scores, rois[:, 0].long(), scale_factors)
+        return self.detections(stage_boxes[-1], scores, rois[:, 0].long(), scale_factors, original_sizes)
 
     def proposals(self, features: list[Tensor], sizes: Tensor) -> Tensor:
         """RPN proposals of every image as RoIs (R, 5) = [image, x1, y1, x2, y2], grouped by image (`RPN.propose`)."""
@@ -169,14 +175,18 @@ class DetectorGraph(nn.Module):
         return torch.cat([image.to(boxes.dtype)[:, None], boxes[index]], dim=1)
 
     def detections(
-        self, boxes: Tensor, scores: Tensor, roi_images: Tensor, scale_factors: Tensor
+        self, boxes: Tensor, scores: Tensor, roi_images: Tensor, scale_factors: Tensor,
+        original_sizes: Tensor | None = None,
     ) -> tuple[Tensor, ...]:
         """`CascadeRCNN.detect` for every image: boxes (R, 4) or (R, 4K) mapped to original pixels (by the float64
-        reciprocals of the scale factors, as `Transform.to_original`), then `multiclass_nms`."""
+        reciprocals of the scale factors, as `Transform.to_original`), then `multiclass_nms`; with
+        rescale="after_nms", NMS first, then the mapping, the clip to `original_sizes` and the drop of empty boxes."""
         r, num_classes = scores.shape[0], scores.shape[1]
         factors = (1.0 / scale_factors).to(boxes.dtype).repeat(1, 2)  # (B, 4): 1/sw, 1/sh, 1/sw, 1/sh
-        boxes = boxes.reshape(r, -1, 4) * factors[roi_images][:, None, :]
-        boxes = boxes.expand(r, num_classes, 4).reshape(-1, 4)  # candidate-major: index = roi * K + class
+        after_nms = self.rescale == "after_nms"
+        if not after_nms:
+            boxes = boxes.reshape(r, -1, 4) * factors[roi_images][:, None, :]
+        boxes = boxes.reshape(r, -1, 4).expand(r, num_classes, 4).reshape(-1, 4)  # index = roi * K + class
         labels = torch.arange(num_classes, device=boxes.device)[None, :].expand(r, num_classes).reshape(-1)
         images = roi_images[:, None].expand(r, num_classes).reshape(-1)
         scores = scores.reshape(-1)
@@ -184,16 +194,23 @@ class DetectorGraph(nn.Module):
             boxes, scores, labels, images, scores > self.score_thresh, scale_factors.shape[0], self.nms_thresh,
             self.detections_per_image,
         )
-        return boxes[index], scores[index], labels[index], image
+        boxes, scores, labels = boxes[index], scores[index], labels[index]
+        if after_nms:
+            if original_sizes is None:
+                raise ExportError("rescale='after_nms' needs the images' original sizes")
+            boxes = clip_boxes(boxes * factors[image], original_sizes[image])
+            nonempty = torch.nonzero((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).squeeze(1)
+            boxes, scores, labels, image = boxes[nonempty], scores[nonempty], labels[nonempty], image[nonempty]
+        return boxes, scores, labels, image
 
 
 def check_exportable(model: nn.Module) -> None:
     """Raise ExportError naming each setting of `model` that `DetectorGraph` does not reproduce."""
     problems = []
-    if getattr(model, "class_nms", "offset") not in ("offset", "per_class"):
-        problems.append(f"postprocess.class_nms={model.class_nms!r} (only 'offset' and 'per_class' are exported)")
-    if getattr(model, "rescale", "before_nms") != "before_nms":
-        problems.append(f"postprocess.rescale={model.rescale!r} (only 'before_nms' is exported)")
+    if getattr(model, "class_nms", "offset") not in ("offset", "per_class", "torchvision"):
+        problems.append(f"postprocess.class_nms={model.class_nms!r} (not one of offset, per_class, torchvision)")
+    if getattr(model, "rescale", "before_nms") not in ("before_nms", "after_nms"):
+        problems.append(f"postprocess.rescale={model.rescale!r} (not before_nms or after_nms)")
     if problems:
         raise ExportError("cannot export this model to ONNX: " + "; ".join(problems))
 
@@ -225,6 +242,10 @@ def export_onnx(
     images = torch.randn((2, 3, h, w), generator=gen)
     image_sizes = torch.tensor([[h, w], [h - 32, w - 64]], dtype=torch.int64)
     scale_factors = torch.tensor([[1.5, 1.5], [1.25, 1.3]], dtype=torch.float64)
+    inputs, names = (images, image_sizes, scale_factors), list(INPUT_NAMES)
+    if graph.rescale == "after_nms":
+        original_sizes = (image_sizes / scale_factors.flip(1)).round().long()  # (h, w) / (h_scale, w_scale)
+        inputs, names = (*inputs, original_sizes), [*names, "original_sizes"]
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
@@ -234,16 +255,15 @@ def export_onnx(
         warnings.filterwarnings("ignore", message=".*advanced indexing.*")
         torch.onnx.export(
             graph,
-            (images, image_sizes, scale_factors),
+            inputs,
             str(path),
             dynamo=False,
             opset_version=OPSET,
-            input_names=INPUT_NAMES,
+            input_names=names,
             output_names=OUTPUT_NAMES,
             dynamic_axes={
                 "images": {0: "batch", 2: "height", 3: "width"},
-                "image_sizes": {0: "batch"},
-                "scale_factors": {0: "batch"},
+                **{name: {0: "batch"} for name in names[1:]},
                 **{name: {0: "detections"} for name in OUTPUT_NAMES},
             },
         )
