@@ -385,7 +385,8 @@ def logits_error(detector: Detector, run: ImageRun, features: list[Tensor] | Non
 
 def shifted_stem_error(detector: Detector, run: ImageRun, monkeypatch: pytest.MonkeyPatch) -> float:
     # torchvision's symmetric max-pool padding instead of TF 'SAME': every feature moves by one stride-4 pixel.
-    monkeypatch.setattr(detector.model.backbone, "maxpool", nn.MaxPool2d(3, 2, padding=1))
+    # (setitem on the module table: monkeypatch.setattr's undo deletes a submodule instead of restoring it.)
+    monkeypatch.setitem(detector.model.backbone._modules, "maxpool", nn.MaxPool2d(3, 2, padding=1))
     return logits_error(detector, run, detector.model.fpn(detector.model.backbone(run.batch.tensor)))
 
 
