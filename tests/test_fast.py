@@ -192,7 +192,10 @@ def test_bf16_path_runs_with_float32_boxes() -> None:
     out = det.predict(random_image())
     assert len(out) > 0 and out.boxes.dtype == torch.float32 and out.scores.dtype == torch.float32
     fast = det.inference_model
-    assert fast.roi_heads.box_heads[0].body is det.model.roi_heads.box_heads[0]
+    head = fast.roi_heads.box_heads[0].body  # bfloat16 weights made once, equal to the model's rounded
+    assert head.fc_cls.weight.dtype == torch.bfloat16
+    assert torch.equal(head.fc_cls.weight, det.model.roi_heads.box_heads[0].fc_cls.weight.bfloat16())
+    assert det.model.roi_heads.box_heads[0].fc_cls.weight.dtype == torch.float32  # the model itself is untouched
 
 
 def test_flop_count_equals_conv_and_linear_macs() -> None:
