@@ -124,17 +124,18 @@ def roi_align_channels_last(
     else:
         grid = torch.ceil(bin_size).clamp(min=0).long()
     per_bin = grid[:, 0] * grid[:, 1]  # samples in each bin of a RoI (K,)
+    per_roi = per_bin * (s * s)
     # One row per sample, RoI by RoI, bin by bin (row-major bins), y-major within a bin.
-    roi = torch.repeat_interleave(torch.arange(k, device=device), per_bin * (s * s))
-    first = torch.cumsum(per_bin * (s * s), 0) - per_bin * (s * s)
-    local = torch.arange(roi.shape[0], device=device) - first[roi]
-    n, gx = per_bin[roi], grid[roi, 0]
+    roi = torch.repeat_interleave(torch.arange(k, device=device), per_roi)
+    local = torch.arange(roi.shape[0], device=device) - (torch.cumsum(per_roi, 0) - per_roi)[roi]
+    n, sample_grid = per_bin[roi], grid[roi]
+    gx = sample_grid[:, 0]
     bin_index, within = local // n, local % n
     points = []
     for a, (cell, sample, limit) in enumerate(
         [(bin_index % s, within % gx, width), (bin_index // s, within // gx, height)]
     ):
-        step, g = bin_size[roi, a], grid[roi, a].to(feature.dtype)
+        step, g = bin_size[roi, a], sample_grid[:, a].to(feature.dtype)
         c = start[roi, a] + cell.to(feature.dtype) * step + (sample.to(feature.dtype) + 0.5) * step / g
         valid = (c >= -1.0) & (c <= limit)
         c = c.clamp(min=0)
