@@ -19,9 +19,9 @@ from torch import Tensor
 from cascade_rcnn.config import ModelConfig, get_preset
 from cascade_rcnn.data.image_io import load_image, to_rgb
 from cascade_rcnn.errors import CascadeRCNNError, CheckpointError
-from cascade_rcnn.model import CascadeRCNN, build_model
+from cascade_rcnn.modeling.detector import CascadeRCNN, build_model
 from cascade_rcnn.structures import Detections
-from cascade_rcnn.weights import LoadReport, build_loaded_model, load_checkpoint, save_weights
+from cascade_rcnn.io.weights import LoadReport, build_loaded_model, load_checkpoint, save_weights
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray, Tensor]
 
@@ -43,7 +43,7 @@ class Detector:
         **overrides: Any,
     ) -> None:
         """`optimize` runs inference on an optimised copy of the model (batch norm folded, channels-last; outputs equal
-        up to float rounding; see `cascade_rcnn.fast`); `bf16` runs its convolutions and linear layers in bfloat16.
+        up to float rounding; see `cascade_rcnn.deploy.optimize`); `bf16` runs its convolutions and linear layers in bfloat16.
         `model` wraps an already built model of this config instead of building an untrained one."""
         self.config = config if config is not None else get_preset(preset, **overrides)
         self.preset = preset
@@ -59,7 +59,7 @@ class Detector:
         """The model `predict` runs: `self.model`, or its optimised copy, rebuilt when `self.model`'s weights change."""
         if not (self.optimize or self.bf16):
             return self.model
-        from cascade_rcnn.fast import optimize_for_inference, parameter_versions
+        from cascade_rcnn.deploy.optimize import optimize_for_inference, parameter_versions
 
         key = (self.bf16, parameter_versions(self.model))
         if self._inference is None or self._inference[0] != key:
@@ -177,7 +177,7 @@ def resolve_weights(weights: str | Path) -> Path:
     except OSError as error:  # a name the file system refuses (too long): pathlib raises instead of saying False
         raise CheckpointError(f"{str(weights)[:80]}...: {error.strerror}") from None
     try:
-        from cascade_rcnn.download import KNOWN_WEIGHTS, fetch_weights
+        from cascade_rcnn.io.download import KNOWN_WEIGHTS, fetch_weights
     except ImportError:
         KNOWN_WEIGHTS = {}
     if str(weights) in KNOWN_WEIGHTS:

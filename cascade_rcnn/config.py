@@ -1,4 +1,4 @@
-"""Configuration: frozen dataclasses, read in one place (`cascade_rcnn.model.build_model`), and named presets.
+"""Configuration: frozen dataclasses, read in one place (`cascade_rcnn.modeling.detector.build_model`), and named presets.
 
 Defaults follow mmdetection 3.x `cascade-rcnn_r50_fpn_1x_coco.py` exactly. Every place where detectron2 or the seed's
 MindSpore code chose otherwise is a named field here, with mmdetection's choice as the default; the peers' presets are

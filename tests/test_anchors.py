@@ -1,6 +1,6 @@
 import torch
 
-from cascade_rcnn.anchors import AnchorGenerator, base_anchors, grid_anchors, valid_anchor_flags
+from cascade_rcnn.modeling.anchors import AnchorGenerator, base_anchors, grid_anchors, valid_anchor_flags
 
 
 def test_base_anchors_hand_computed():

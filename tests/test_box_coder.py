@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from cascade_rcnn.box_coder import BoxCoder, clip_boxes
+from cascade_rcnn.modeling.box_coder import BoxCoder, clip_boxes
 
 
 def random_boxes(n: int, generator: torch.Generator) -> torch.Tensor:

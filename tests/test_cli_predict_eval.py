@@ -22,7 +22,7 @@ from cascade_rcnn.commands import eval as eval_command
 from cascade_rcnn.commands import predict as predict_command
 from cascade_rcnn.config import COCO_CLASSES
 from cascade_rcnn.data.image_io import load_image
-from cascade_rcnn.evaluation import COCO_CATEGORY_IDS, METRIC_NAMES
+from cascade_rcnn.evaluation.coco import COCO_CATEGORY_IDS, METRIC_NAMES
 from cascade_rcnn.structures import Detections
 
 COCO128 = Path(

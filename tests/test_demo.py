@@ -7,7 +7,7 @@ import json
 
 from test_training_fixtures import run_cli
 
-from cascade_rcnn.evaluation import METRIC_NAMES
+from cascade_rcnn.evaluation.coco import METRIC_NAMES
 
 
 def test_short_demo_leaves_every_output(tmp_path):

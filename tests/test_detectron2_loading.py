@@ -16,7 +16,7 @@ import torch
 
 from cascade_rcnn import Detector
 from cascade_rcnn.config import PRESETS, get_preset
-from cascade_rcnn.download import KNOWN_WEIGHTS
+from cascade_rcnn.io.download import KNOWN_WEIGHTS
 from cascade_rcnn.errors import CheckpointError
 from cascade_rcnn.io.detectron2 import (
     PRESET,
@@ -26,8 +26,8 @@ from cascade_rcnn.io.detectron2 import (
     is_detectron2_state_dict,
 )
 from cascade_rcnn.io.detectron2_pkl import read_detectron2_pkl
-from cascade_rcnn.model import build_model
-from cascade_rcnn.weights import load_checkpoint, load_into_model
+from cascade_rcnn.modeling.detector import build_model
+from cascade_rcnn.io.weights import load_checkpoint, load_into_model
 
 # The box-path-free tensors of the published Cascade Mask R-CNN files (detectron2 MaskRCNNConvUpsampleHead).
 MASK_HEAD = {

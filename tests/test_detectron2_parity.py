@@ -37,15 +37,15 @@ from PIL import Image
 from torchvision.ops import box_iou
 
 from cascade_rcnn import Detector
-from cascade_rcnn.box_coder import BoxCoder, clip_boxes
-from cascade_rcnn.cascade_heads import combine_stage_scores, proposals_to_rois
+from cascade_rcnn.modeling.box_coder import BoxCoder, clip_boxes
+from cascade_rcnn.modeling.cascade_heads import combine_stage_scores, proposals_to_rois
 from cascade_rcnn.config import get_preset
 from cascade_rcnn.data.image_io import load_image
 from cascade_rcnn.io.detectron2 import PRESET
-from cascade_rcnn.model import build_model
-from cascade_rcnn.postprocess import multiclass_nms
-from cascade_rcnn.roi_align import MultiScaleRoIAlign
-from cascade_rcnn.transform import (
+from cascade_rcnn.modeling.detector import build_model
+from cascade_rcnn.modeling.postprocess import multiclass_nms
+from cascade_rcnn.modeling.roi_align import MultiScaleRoIAlign
+from cascade_rcnn.modeling.transform import (
     ImageBatch,
     Transform,
     resize_bilinear_cv2,
@@ -461,8 +461,8 @@ def test_onnx_export_matches_pytorch(detector, records, shared_dir, tmp_path):
     pytest.importorskip("onnxruntime")
     import onnx
 
-    from cascade_rcnn.backends import OnnxDetector
-    from cascade_rcnn.export import export_onnx
+    from cascade_rcnn.deploy.backends import OnnxDetector
+    from cascade_rcnn.deploy.onnx_export import export_onnx
 
     path = export_onnx(detector.model, tmp_path / "d2.onnx", config=detector.config, preset=detector.preset)
     assert [i.name for i in onnx.load(str(path)).graph.input][-1] == "original_sizes"

@@ -115,7 +115,7 @@ def test_two_gloo_processes_step_equals_single_process_step_on_combined_batch(tm
 
 def test_sampling_seed_makes_samples_independent_of_the_batch():
     """The RPN's and heads' sampling of an image depends on its `sample_seed`, not on its batch neighbours."""
-    from cascade_rcnn.matcher import BACKGROUND, sample_indices, sampling_generator
+    from cascade_rcnn.modeling.matcher import BACKGROUND, sample_indices, sampling_generator
 
     matches = torch.tensor([0, 1, BACKGROUND] * 100)
     target = {"sample_seed": torch.tensor(7)}

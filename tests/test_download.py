@@ -1,4 +1,4 @@
-"""Tests of cascade_rcnn.download against a local HTTP server on 127.0.0.1 (no network).
+"""Tests of cascade_rcnn.io.download against a local HTTP server on 127.0.0.1 (no network).
 
 Invariants: the final path only ever holds a complete file with the registered checksum; no `.part` file survives a
 failure; a verified cached file is reused without a request; every failure message says where to put the file by hand.
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from cascade_rcnn import download
-from cascade_rcnn.download import KNOWN_WEIGHTS, KnownWeights, fetch_weights, resolve_weights
+from cascade_rcnn.io import download
+from cascade_rcnn.io.download import KNOWN_WEIGHTS, KnownWeights, fetch_weights, resolve_weights
 from cascade_rcnn.errors import CheckpointError, DownloadError
 
 BODY = bytes(range(256)) * 4096  # 1 MiB, a few progress-bar chunks

@@ -18,7 +18,7 @@ from pycocotools.cocoeval import COCOeval
 
 from cascade_rcnn.config import COCO_CLASSES
 from cascade_rcnn.errors import DatasetError
-from cascade_rcnn.evaluation import (
+from cascade_rcnn.evaluation.coco import (
     COCO_CATEGORY_IDS,
     METRIC_NAMES,
     CocoResultsWriter,

@@ -13,10 +13,10 @@ import torch
 from torchvision.ops import box_iou
 
 from cascade_rcnn.api import Detector, to_tensor_image
-from cascade_rcnn.benchmark import calibrate_cascade
+from cascade_rcnn.benchmarks.inference import calibrate_cascade
 from cascade_rcnn.cli import main
 from cascade_rcnn.errors import CascadeRCNNError
-from cascade_rcnn.export import INPUT_NAMES, OUTPUT_NAMES, DetectorGraph, ExportError, export_onnx
+from cascade_rcnn.deploy.onnx_export import INPUT_NAMES, OUTPUT_NAMES, DetectorGraph, ExportError, export_onnx
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -105,7 +105,7 @@ def test_graph_contract(agnostic: tuple[Detector, Path]) -> None:
 
 @needs_coco128
 def test_onnxruntime_matches_pytorch(agnostic: tuple[Detector, Path]) -> None:
-    from cascade_rcnn.backends import OnnxDetector
+    from cascade_rcnn.deploy.backends import OnnxDetector
 
     det, onnx_path = agnostic
     ort = OnnxDetector(onnx_path)
@@ -159,7 +159,7 @@ def test_dynamic_batch_and_size_equal_eager_graph(agnostic: tuple[Detector, Path
 
 @needs_coco128
 def test_class_specific_heads(tmp_path: Path) -> None:
-    from cascade_rcnn.backends import OnnxDetector
+    from cascade_rcnn.deploy.backends import OnnxDetector
 
     det = calibrated_detector(**{"cascade.class_agnostic": False})
     assert det.model.roi_heads.box_heads[0].fc_reg.out_features == 4 * 80
@@ -177,7 +177,7 @@ def test_unsupported_settings_are_named(tmp_path: Path) -> None:
 
 @needs_coco128
 def test_load_backend(agnostic: tuple[Detector, Path]) -> None:
-    from cascade_rcnn.backends import OnnxDetector, load_backend
+    from cascade_rcnn.deploy.backends import OnnxDetector, load_backend
 
     det, onnx_path = agnostic
     backend = load_backend(onnx_path, "onnxruntime")

@@ -12,13 +12,13 @@ import torch
 from torchvision.ops import FrozenBatchNorm2d, box_iou, nms, roi_align
 
 from cascade_rcnn.api import Detector, to_tensor_image
-from cascade_rcnn.backbone import ResNetBackbone
-from cascade_rcnn.benchmark import calibrate_cascade, count_flops, randomize_weights, report
+from cascade_rcnn.modeling.backbone import ResNetBackbone
+from cascade_rcnn.benchmarks.inference import calibrate_cascade, count_flops, randomize_weights, report
 from cascade_rcnn.commands.benchmark import parse_size
 from cascade_rcnn.errors import ConfigError
-from cascade_rcnn.fast import GatherRoIAlign, fold_batch_norm, optimize_for_inference
-from cascade_rcnn.postprocess import SPLIT_THRESHOLD, multiclass_nms
-from cascade_rcnn.roi_align import MultiScaleRoIAlign, roi_align_channels_last
+from cascade_rcnn.deploy.optimize import GatherRoIAlign, fold_batch_norm, optimize_for_inference
+from cascade_rcnn.modeling.postprocess import SPLIT_THRESHOLD, multiclass_nms
+from cascade_rcnn.modeling.roi_align import MultiScaleRoIAlign, roi_align_channels_last
 
 COCO128 = Path(
     os.environ.get("CASCADE_RCNN_COCO128", Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "coco128")

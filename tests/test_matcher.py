@@ -1,6 +1,6 @@
 import torch
 
-from cascade_rcnn.matcher import BACKGROUND, IGNORE, Matcher, sample_indices
+from cascade_rcnn.modeling.matcher import BACKGROUND, IGNORE, Matcher, sample_indices
 
 
 def box_with_iou(gt: torch.Tensor, iou: float) -> torch.Tensor:

@@ -50,10 +50,10 @@ from torchvision.ops import box_iou
 
 from cascade_rcnn.api import Detector
 from cascade_rcnn.cli import main
-from cascade_rcnn.evaluation import COCO_CATEGORY_IDS, detections_to_coco
+from cascade_rcnn.evaluation.coco import COCO_CATEGORY_IDS, detections_to_coco
 from cascade_rcnn.io.mindspore import PRESET
-from cascade_rcnn.model import CascadeRCNN
-from cascade_rcnn.transform import ImageBatch
+from cascade_rcnn.modeling.detector import CascadeRCNN
+from cascade_rcnn.modeling.transform import ImageBatch
 
 INPUT_ATOL = 1e-5
 STATS_RTOL = 1e-3
@@ -547,8 +547,8 @@ def test_onnx_export_of_the_seed_model_matches_pytorch(
     images, plain vs optimised PyTorch: up to 4 of 128 detections unmatched, boxes within 0.29 px, scores within 1e-2;
     ONNX Runtime vs plain PyTorch: up to 3 unmatched, 0.29 px, 1e-2."""
     pytest.importorskip("onnxruntime")
-    from cascade_rcnn.backends import OnnxDetector
-    from cascade_rcnn.export import export_onnx
+    from cascade_rcnn.deploy.backends import OnnxDetector
+    from cascade_rcnn.deploy.onnx_export import export_onnx
 
     path = export_onnx(detector.model, tmp_path / "seed.onnx", config=detector.config, preset=detector.preset)
     ort = OnnxDetector(path)

@@ -14,19 +14,19 @@ import numpy as np
 import pytest
 import torch
 
-from cascade_rcnn.anchors import base_anchors
-from cascade_rcnn.box_coder import BoxCoder
-from cascade_rcnn.cascade_heads import BoxHead, CascadeROIHeads
+from cascade_rcnn.modeling.anchors import base_anchors
+from cascade_rcnn.modeling.box_coder import BoxCoder
+from cascade_rcnn.modeling.cascade_heads import BoxHead, CascadeROIHeads
 from cascade_rcnn.config import get_preset
 from cascade_rcnn.errors import CheckpointError, ConfigError
-from cascade_rcnn.evaluation import detections_to_coco
+from cascade_rcnn.evaluation.coco import detections_to_coco
 from cascade_rcnn.io.mindspore import PRESET, convert_mindspore_state_dict
 from cascade_rcnn.io.mindspore_ckpt import write_mindspore_ckpt
-from cascade_rcnn.matcher import Matcher
-from cascade_rcnn.postprocess import multiclass_nms
-from cascade_rcnn.roi_align import MultiScaleRoIAlign
-from cascade_rcnn.transform import Transform
-from cascade_rcnn.weights import load_checkpoint, sniff_format
+from cascade_rcnn.modeling.matcher import Matcher
+from cascade_rcnn.modeling.postprocess import multiclass_nms
+from cascade_rcnn.modeling.roi_align import MultiScaleRoIAlign
+from cascade_rcnn.modeling.transform import Transform
+from cascade_rcnn.io.weights import load_checkpoint, sniff_format
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Input transform

@@ -28,8 +28,8 @@ from cascade_rcnn.io.mmdet import (
     infer_preset,
     mmdet_to_project_name,
 )
-from cascade_rcnn.model import build_model
-from cascade_rcnn.weights import load_checkpoint, load_into_model
+from cascade_rcnn.modeling.detector import build_model
+from cascade_rcnn.io.weights import load_checkpoint, load_into_model
 
 # The inverse of the name map, written out independently of cascade_rcnn.io.mmdet, to build mmdetection-named files.
 PROJECT_TO_MMDET = [

@@ -30,9 +30,9 @@ import torch
 from torchvision.ops import box_iou
 
 from cascade_rcnn.api import Detector
-from cascade_rcnn.cascade_heads import combine_stage_scores
+from cascade_rcnn.modeling.cascade_heads import combine_stage_scores
 from cascade_rcnn.data.image_io import load_image
-from cascade_rcnn.postprocess import multiclass_nms
+from cascade_rcnn.modeling.postprocess import multiclass_nms
 
 IMAGES = (
     "img00_000000000139",

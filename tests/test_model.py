@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from cascade_rcnn.cascade_heads import combine_stage_scores
+from cascade_rcnn.modeling.cascade_heads import combine_stage_scores
 from cascade_rcnn.config import cascade_rcnn_r50_fpn, cascade_rcnn_r101_fpn
-from cascade_rcnn.model import build_model
+from cascade_rcnn.modeling.detector import build_model
 from tests.helpers import tiny_config
 
 
@@ -140,7 +140,7 @@ def test_fpn_in_place_top_down_equals_upsample_and_add(size):
     the textbook laterals[i - 1] + interpolate(laterals[i], nearest)."""
     import torch.nn.functional as F
 
-    from cascade_rcnn.fpn import FPN
+    from cascade_rcnn.modeling.fpn import FPN
 
     torch.manual_seed(0)
     fpn = FPN()

@@ -8,7 +8,7 @@ for every input:
 - the reader ends in a `DatasetError` or a dataset, never another exception, within the deadline;
 - what it returns is clean: boxes finite, positive, inside their image; labels in range; image ids unique;
 - "one report listing every problem": on_error="raise" lists exactly the problems that on_error="skip" leaves out;
-- what `cascade_rcnn.evaluation.load_coco_gt` accepts, pycocotools can evaluate.
+- what `cascade_rcnn.evaluation.coco.load_coco_gt` accepts, pycocotools can evaluate.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from PIL import Image
 from cascade_rcnn.cli import main
 from cascade_rcnn.data import DetectionDataset, load_coco, load_txt, load_voc, load_yolo
 from cascade_rcnn.errors import DatasetError
-from cascade_rcnn.evaluation import evaluate_coco, load_coco_gt
+from cascade_rcnn.evaluation.coco import evaluate_coco, load_coco_gt
 
 FUZZ = settings(max_examples=60, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture],
                 derandomize=True)  # fmt: skip

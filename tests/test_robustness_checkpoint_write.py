@@ -5,7 +5,7 @@ import errno
 import pytest
 import torch
 
-from cascade_rcnn import weights as weights_module
+from cascade_rcnn.io import weights as weights_module
 from cascade_rcnn.config import get_preset
 from cascade_rcnn.training import checkpoint as checkpoint_module
 

@@ -30,7 +30,7 @@ from cascade_rcnn.cli import main
 from cascade_rcnn.config import config_to_dict
 from cascade_rcnn.errors import CascadeRCNNError, CheckpointError
 from cascade_rcnn.io.mindspore_ckpt import write_mindspore_ckpt
-from cascade_rcnn.weights import FORMAT, save_weights
+from cascade_rcnn.io.weights import FORMAT, save_weights
 from tests.helpers import tiny_config
 
 SMALL = {"transform.min_size": 64, "transform.max_size": 96, "fpn.out_channels": 32, "cascade.fc_dim": 64}

@@ -10,9 +10,9 @@ from torchvision.models.resnet import Bottleneck, ResNet
 
 from cascade_rcnn.config import get_preset, with_overrides
 from cascade_rcnn.errors import CheckpointError
-from cascade_rcnn.model import build_model
+from cascade_rcnn.modeling.detector import build_model
 from cascade_rcnn.training.initialization import describe_load, load_initial_weights
-from cascade_rcnn.weights import save_weights
+from cascade_rcnn.io.weights import save_weights
 
 
 def tiny_config(num_classes: int, **overrides):

@@ -109,7 +109,7 @@ def test_final_weights_and_export_are_detector_loadable(runs, tmp_path):
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(runs, tmp_path, monkeypatch):
-    from cascade_rcnn.model import CascadeRCNN
+    from cascade_rcnn.modeling.detector import CascadeRCNN
     from cascade_rcnn.training import NonFiniteLossError, Trainer
     from cascade_rcnn.training.config import experiment_from_dict
     data = {k: runs["root"] / "data" / v for k, v in

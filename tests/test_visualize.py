@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cascade_rcnn.visualize import _relative_luminance, class_color, draw_detections, text_color_for
+from cascade_rcnn.evaluation.visualize import _relative_luminance, class_color, draw_detections, text_color_for
 
 GRAY = (128, 128, 128)
 

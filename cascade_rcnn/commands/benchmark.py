@@ -47,7 +47,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cascade_rcnn.benchmark import CALIBRATION_IMAGE, BenchmarkSettings, report, run_benchmark
+    from cascade_rcnn.benchmarks.inference import CALIBRATION_IMAGE, BenchmarkSettings, report, run_benchmark
     from cascade_rcnn.commands.predict import IMAGE_EXTENSIONS
 
     min_size, max_size = parse_size(args.size)

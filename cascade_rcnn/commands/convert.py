@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     # Imported here so that `cascade-rcnn --help` does not build the model code.
     from cascade_rcnn.api import Detector
-    from cascade_rcnn.weights import load_checkpoint, load_into_model
+    from cascade_rcnn.io.weights import load_checkpoint, load_into_model
 
     source: Path = args.source
     output: Path = args.output

@@ -123,8 +123,8 @@ def evaluate_and_draw(weights: Path, data: dict[str, Path], out: Path, draw: int
 
     from cascade_rcnn.api import Detector
     from cascade_rcnn.data.image_io import load_image
-    from cascade_rcnn.evaluation import CocoResultsWriter, evaluate_coco, load_coco_gt, map_labels_to_category_ids
-    from cascade_rcnn.visualize import draw_detections
+    from cascade_rcnn.evaluation.coco import CocoResultsWriter, evaluate_coco, load_coco_gt, map_labels_to_category_ids
+    from cascade_rcnn.evaluation.visualize import draw_detections
 
     detector = Detector.from_weights(weights)
     gt = load_coco_gt(data["val_annotations"])

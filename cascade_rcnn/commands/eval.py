@@ -34,7 +34,7 @@ from cascade_rcnn.commands.predict import (
 from cascade_rcnn.data.dataset import is_file
 from cascade_rcnn.data.image_io import load_image
 from cascade_rcnn.errors import CascadeRCNNError, DatasetError, ImageReadError
-from cascade_rcnn.evaluation import (
+from cascade_rcnn.evaluation.coco import (
     CocoResultsWriter,
     EvalResult,
     evaluate_coco,

@@ -1,5 +1,5 @@
 """`cascade-rcnn export`: write the detector as an ONNX graph (resize aside), runnable by `predict --backend
-onnxruntime` and by any ONNX Runtime; inputs, outputs and dynamic axes are described in `cascade_rcnn.export`."""
+onnxruntime` and by any ONNX Runtime; inputs, outputs and dynamic axes are described in `cascade_rcnn.deploy.onnx_export`."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cascade_rcnn.api import Detector
-    from cascade_rcnn.export import export_onnx
+    from cascade_rcnn.deploy.onnx_export import export_onnx
 
     if args.output.suffix.lower() != ".onnx":
         raise ConfigError(f"--output: expected a .onnx file name, got {args.output}")
@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     if args.check:
         import torch
 
-        from cascade_rcnn.backends import OnnxDetector
+        from cascade_rcnn.deploy.backends import OnnxDetector
 
         size = detector.config.transform.min_size
         det = OnnxDetector(path).predict(torch.rand(3, size, size) * 255)

@@ -22,8 +22,8 @@ import torch
 from cascade_rcnn.config import COCO_CLASSES
 from cascade_rcnn.data.image_io import load_image
 from cascade_rcnn.errors import ConfigError, ImageReadError
-from cascade_rcnn.evaluation import COCO_CATEGORY_IDS, CocoResultsWriter, detections_to_coco
-from cascade_rcnn.visualize import draw_detections
+from cascade_rcnn.evaluation.coco import COCO_CATEGORY_IDS, CocoResultsWriter, detections_to_coco
+from cascade_rcnn.evaluation.visualize import draw_detections
 
 if TYPE_CHECKING:
     from cascade_rcnn.api import Detector
@@ -284,7 +284,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.bf16:
         raise ConfigError("--bf16 applies to the torch backend (ONNX Runtime runs the graph in float32)")
     else:
-        from cascade_rcnn.backends import load_backend
+        from cascade_rcnn.deploy.backends import load_backend
 
         detector = load_backend(args.weights, args.backend, device=args.device, preset=args.preset)
     batch_size = args.batch_size or default_batch_size(detector)

@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
 def export_weights(args: argparse.Namespace) -> int:
     from cascade_rcnn.training.checkpoint import resolve_resume
     from cascade_rcnn.training.trainer import load_model_from_checkpoint
-    from cascade_rcnn.weights import save_weights
+    from cascade_rcnn.io.weights import save_weights
 
     if not args.resume:
         raise ConfigError("--export-weights needs --resume CHECKPOINT (or a run folder)")

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from cascade_rcnn.config import ModelConfig, get_preset
 from cascade_rcnn.errors import CheckpointError
-from cascade_rcnn.weights import Checkpoint, register_converter
+from cascade_rcnn.io.weights import Checkpoint, register_converter
 
 PRESET = "cascade_rcnn_r50_fpn_detectron2"
 

@@ -13,7 +13,7 @@ bookkeeping are skipped there). This module maps names and layouts (spec §3, `s
     rcnn*.cls_scores  (81: background at column 0)            roi_heads.box_heads.s.fc_cls              T, bg moved last
     rcnn*.reg_scores  (324: column 4k+j, class k, bg k=0)     roi_heads.box_heads.s.fc_reg              T, bg group last
 
-Background sits last in the project (see `cascade_rcnn.cascade_heads`), so the classifier rows and the regression's
+Background sits last in the project (see `cascade_rcnn.modeling.cascade_heads`), so the classifier rows and the regression's
 4-row groups are rotated by one class. The regression keeps its background group when the config has
 `cascade.reg_background_slot` (the seed's refinement takes the argmax over all 81 classes, background included) and
 drops it otherwise. The RPN head is one set of tensors shared by the 5 levels; MindSpore saves only the `.0` copy, and
@@ -34,7 +34,7 @@ from torch import Tensor
 
 from cascade_rcnn.config import COCO_CLASSES, ModelConfig, get_preset, with_overrides
 from cascade_rcnn.errors import CheckpointError
-from cascade_rcnn.weights import Checkpoint, register_converter
+from cascade_rcnn.io.weights import Checkpoint, register_converter
 
 PRESET = "cascade_rcnn_r101_fpn_mindspore"
 STAGE_NAMES = {"rcnn": 0, "rcnn1": 1, "rcnn2": 2}

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from cascade_rcnn.config import ModelConfig, get_preset
 from cascade_rcnn.errors import CheckpointError
-from cascade_rcnn.weights import Checkpoint, register_converter
+from cascade_rcnn.io.weights import Checkpoint, register_converter
 
 # (mmdetection name pattern, project name template), tried in order; the first match wins.
 NAME_MAP: list[tuple[re.Pattern[str], str]] = [

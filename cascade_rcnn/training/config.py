@@ -33,7 +33,7 @@ from typing import Any, Literal
 from cascade_rcnn.config import ModelConfig, config_from_dict, get_preset, with_overrides
 from cascade_rcnn.errors import ConfigError
 
-# The 12 COCO metrics (as cascade_rcnn.evaluation.METRIC_NAMES; repeated so that reading a config imports no
+# The 12 COCO metrics (as cascade_rcnn.evaluation.coco.METRIC_NAMES; repeated so that reading a config imports no
 # pycocotools).
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 

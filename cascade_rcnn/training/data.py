@@ -3,7 +3,7 @@
 Parsing, validation, augmentation and the batch sampler are `cascade_rcnn.data`'s; this module only wires them up.
 The one addition is `SeededDetectionDataset`: it gives each image a `sample_seed` from (seed, epoch, dataset index),
 which the RPN and the cascade heads use to seed that image's anchor and RoI sampling
-(`cascade_rcnn.matcher.sampling_generator`). An image's samples then depend neither on the other images of its batch
+(`cascade_rcnn.modeling.matcher.sampling_generator`). An image's samples then depend neither on the other images of its batch
 nor on the process it is trained in, which makes a distributed step equal to the single-process step on the combined
 batch, and resumed runs equal to uninterrupted ones.
 """
@@ -141,7 +141,7 @@ def build_val_set(cfg: DataConfig) -> ValSet:
     as annotated), and `convert_to_coco` of the loaded set for the other formats."""
     from pycocotools.coco import COCO
 
-    from cascade_rcnn.evaluation import load_coco_gt
+    from cascade_rcnn.evaluation.coco import load_coco_gt
 
     dataset = load_split(cfg, "val")
     if cfg.format == "coco":

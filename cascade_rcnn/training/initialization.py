@@ -1,6 +1,6 @@
 """Where a training run's weights start: a weights file (fine-tuning), a backbone-only ImageNet file, or from scratch.
 
-Fine-tuning. `load_initial_weights` reads any weights file the project reads (`cascade_rcnn.weights.load_checkpoint`:
+Fine-tuning. `load_initial_weights` reads any weights file the project reads (`cascade_rcnn.io.weights.load_checkpoint`:
 the project's safetensors, mmdetection .pth, detectron2 .pkl, MindSpore .ckpt, a known weights name) and copies every
 tensor whose name and shape fit. With another class count, only the classifier (`fc_cls`) of each cascade stage, and
 the box regressor (`fc_reg`) when regression is class-specific, differ in shape; they keep their fresh initialisation
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from cascade_rcnn.errors import CheckpointError
-from cascade_rcnn.weights import LoadReport, load_checkpoint, load_into_model
+from cascade_rcnn.io.weights import LoadReport, load_checkpoint, load_into_model
 
 # Tensors that may differ in shape when only the class count differs.
 CLASS_DEPENDENT_SUFFIXES = (".fc_cls.weight", ".fc_cls.bias", ".fc_reg.weight", ".fc_reg.bias")
@@ -61,7 +61,7 @@ def read_backbone_only(path: Path) -> tuple[dict[str, Tensor], list[str]] | None
     """A torchvision-named backbone state_dict renamed under `backbone.`, and the names ignored (`fc.*`,
     `*.num_batches_tracked`); None when the file is not one (it has `backbone.` names, or no `layer1.0` block)."""
     from cascade_rcnn.io.torch_checkpoint import read_torch_checkpoint, sniff_checkpoint_format
-    from cascade_rcnn.weights import read_safetensors
+    from cascade_rcnn.io.weights import read_safetensors
 
     fmt = sniff_checkpoint_format(path)
     if fmt == "safetensors":

@@ -47,8 +47,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from cascade_rcnn.config import ModelConfig, config_from_dict, config_to_dict
 from cascade_rcnn.errors import CascadeRCNNError, CheckpointError, ConfigError
-from cascade_rcnn.evaluation import EvalResult
-from cascade_rcnn.model import CascadeRCNN, build_model
+from cascade_rcnn.evaluation.coco import EvalResult
+from cascade_rcnn.modeling.detector import CascadeRCNN, build_model
 from cascade_rcnn.training import checkpoint as ckpt
 from cascade_rcnn.training.config import (
     ExperimentConfig,
@@ -70,7 +70,7 @@ from cascade_rcnn.training.distributed import DistInfo, any_flags, barrier, init
 from cascade_rcnn.training.initialization import calibrate_frozen_batchnorm, describe_load, load_initial_weights
 from cascade_rcnn.training.schedule import build_optimizer, build_scheduler
 from cascade_rcnn.training.validation import evaluate
-from cascade_rcnn.weights import save_weights
+from cascade_rcnn.io.weights import save_weights
 
 # Settings that may change when resuming without changing the trajectory of the run.
 RESUMABLE_CHANGES = (

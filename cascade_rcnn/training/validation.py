@@ -1,7 +1,7 @@
 """COCO evaluation during training, spread over the processes of a distributed run.
 
 Each process predicts a strided share of the val images (rank r takes images r, r + N, ...), the COCO results dicts
-are gathered on rank 0, and rank 0 scores them with `cascade_rcnn.evaluation.evaluate_coco` (pycocotools).
+are gathered on rank 0, and rank 0 scores them with `cascade_rcnn.evaluation.coco.evaluate_coco` (pycocotools).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from torch import Tensor
 
 from cascade_rcnn.data.image_io import load_image
 from cascade_rcnn.errors import ImageReadError
-from cascade_rcnn.evaluation import EvalResult, detections_to_coco, evaluate_coco
-from cascade_rcnn.model import CascadeRCNN
+from cascade_rcnn.evaluation.coco import EvalResult, detections_to_coco, evaluate_coco
+from cascade_rcnn.modeling.detector import CascadeRCNN
 from cascade_rcnn.training.data import ValSet
 from cascade_rcnn.training.distributed import DistInfo, gather_to_main
 

@@ -13,7 +13,7 @@ The exported graph (opset 17, traced with the TorchScript exporter):
             batch_index    (D,) int64            the image of each detection
 
 Detections come grouped by image (ascending), each image's by decreasing score, at most `detections_per_image` per
-image. Resizing, the colour order, normalisation and padding stay in Python (`cascade_rcnn.backends.OnnxDetector` runs
+image. Resizing, the colour order, normalisation and padding stay in Python (`cascade_rcnn.deploy.backends.OnnxDetector` runs
 the project's own `Transform`), so the graph's inputs are bit-identical to what the PyTorch model sees.
 
 Why the graph is shaped as it is:
@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from cascade_rcnn.box_coder import clip_boxes
+from cascade_rcnn.modeling.box_coder import clip_boxes
 from cascade_rcnn.config import config_to_dict
 from cascade_rcnn.errors import CascadeRCNNError
 
@@ -228,9 +228,9 @@ def export_onnx(
 
     `config` and `preset` are stored in the file's metadata (`cascade_rcnn_config`, `cascade_rcnn_preset`,
     `class_names`), so `OnnxDetector` can rebuild the input transform from the file alone. `optimize` exports the
-    batch-norm-folded copy (`cascade_rcnn.fast.fold_batch_norm`), which ONNX Runtime runs faster.
+    batch-norm-folded copy (`cascade_rcnn.deploy.optimize.fold_batch_norm`), which ONNX Runtime runs faster.
     """
-    from cascade_rcnn.fast import optimize_for_inference
+    from cascade_rcnn.deploy.optimize import optimize_for_inference
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

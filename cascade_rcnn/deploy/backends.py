@@ -1,5 +1,5 @@
 """Inference backends behind one `predict` contract: the PyTorch `Detector`, and `OnnxDetector`, which runs a graph
-written by `cascade_rcnn.export` with ONNX Runtime.
+written by `cascade_rcnn.deploy.onnx_export` with ONNX Runtime.
 
     det = load_backend("model.safetensors", "onnxruntime")   # or a .onnx file; "torch" gives a Detector
     dets = det.predict(["a.jpg", "b.jpg"], batch_size=2)      # list of Detections, original-image pixels
@@ -24,7 +24,7 @@ from torch import Tensor
 from cascade_rcnn.api import Detector
 from cascade_rcnn.config import config_from_dict
 from cascade_rcnn.errors import CascadeRCNNError
-from cascade_rcnn.model import build_transform
+from cascade_rcnn.modeling.detector import build_transform
 from cascade_rcnn.structures import Detections
 
 BACKENDS = ("torch", "onnxruntime")
@@ -116,7 +116,7 @@ def load_backend(
         if preset is not None:
             raise CascadeRCNNError("--preset does not apply to an .onnx file: its config was fixed at export")
         return OnnxDetector(weights)
-    from cascade_rcnn.export import export_onnx
+    from cascade_rcnn.deploy.onnx_export import export_onnx
 
     detector = Detector.from_weights(weights, preset=preset, optimize=False)
     with tempfile.TemporaryDirectory(prefix="cascade_rcnn_onnx_") as tmp:

@@ -10,18 +10,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from cascade_rcnn.anchors import AnchorGenerator
-from cascade_rcnn.backbone import ResNetBackbone
-from cascade_rcnn.box_coder import BoxCoder, clip_boxes
-from cascade_rcnn.cascade_heads import BoxHead, CascadeROIHeads
+from cascade_rcnn.modeling.anchors import AnchorGenerator
+from cascade_rcnn.modeling.backbone import ResNetBackbone
+from cascade_rcnn.modeling.box_coder import BoxCoder, clip_boxes
+from cascade_rcnn.modeling.cascade_heads import BoxHead, CascadeROIHeads
 from cascade_rcnn.config import ModelConfig
-from cascade_rcnn.fpn import FPN
-from cascade_rcnn.matcher import Matcher
-from cascade_rcnn.postprocess import multiclass_nms
-from cascade_rcnn.roi_align import MultiScaleRoIAlign
-from cascade_rcnn.rpn import RegionProposalNetwork, RPNHead
+from cascade_rcnn.modeling.fpn import FPN
+from cascade_rcnn.modeling.matcher import Matcher
+from cascade_rcnn.modeling.postprocess import multiclass_nms
+from cascade_rcnn.modeling.roi_align import MultiScaleRoIAlign
+from cascade_rcnn.modeling.rpn import RegionProposalNetwork, RPNHead
 from cascade_rcnn.structures import Detections
-from cascade_rcnn.transform import ImageBatch, Transform
+from cascade_rcnn.modeling.transform import ImageBatch, Transform
 
 
 class CascadeRCNN(nn.Module):

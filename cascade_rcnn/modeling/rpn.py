@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cascade_rcnn.anchors import AnchorGenerator, valid_anchor_flags
-from cascade_rcnn.box_coder import BoxCoder, clip_boxes
-from cascade_rcnn.matcher import IGNORE, Matcher, sample_indices, sampling_generator
-from cascade_rcnn.postprocess import batched_nms
+from cascade_rcnn.modeling.anchors import AnchorGenerator, valid_anchor_flags
+from cascade_rcnn.modeling.box_coder import BoxCoder, clip_boxes
+from cascade_rcnn.modeling.matcher import IGNORE, Matcher, sample_indices, sampling_generator
+from cascade_rcnn.modeling.postprocess import batched_nms
 
 
 class RPNHead(nn.Module):

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from cascade_rcnn.roi_align import MultiScaleRoIAlign, roi_align_channels_last
+from cascade_rcnn.modeling.roi_align import MultiScaleRoIAlign, roi_align_channels_last
 
 
 def fold_batch_norm(module: nn.Module, lazy: bool = False) -> nn.Module:

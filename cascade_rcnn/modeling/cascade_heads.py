@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cascade_rcnn.box_coder import BoxCoder
-from cascade_rcnn.matcher import BACKGROUND, Matcher, sample_indices, sampling_generator
-from cascade_rcnn.roi_align import MultiScaleRoIAlign
+from cascade_rcnn.modeling.box_coder import BoxCoder
+from cascade_rcnn.modeling.matcher import BACKGROUND, Matcher, sample_indices, sampling_generator
+from cascade_rcnn.modeling.roi_align import MultiScaleRoIAlign
 
 
 class BoxHead(nn.Module):

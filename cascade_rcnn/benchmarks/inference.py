@@ -316,7 +316,7 @@ def _measure_peak_rss(kind: str, weights: Path, image: Path, threads: int) -> tu
     import sys
 
     code = (
-        "import json; from cascade_rcnn.benchmark import peak_rss_child; "
+        "import json; from cascade_rcnn.benchmarks.inference import peak_rss_child; "
         f"print(json.dumps(peak_rss_child({kind!r}, {str(weights)!r}, {str(image)!r}, {threads})))"
     )
     env = dict(os.environ)
@@ -360,8 +360,8 @@ def run_benchmark(settings: BenchmarkSettings, log: Callable[[str], None] = prin
     tmp = tempfile.TemporaryDirectory(prefix="cascade_rcnn_bench_")
     work = Path(tmp.name)
     if s.onnx:
-        from cascade_rcnn.backends import OnnxDetector
-        from cascade_rcnn.export import export_onnx
+        from cascade_rcnn.deploy.backends import OnnxDetector
+        from cascade_rcnn.deploy.onnx_export import export_onnx
 
         log("exporting to ONNX ...")
         onnx_path = export_onnx(fp32.model, work / "model.onnx", config=fp32.config, preset=s.preset)

@@ -25,7 +25,7 @@ from cascade_rcnn.config import ModelConfig, config_from_dict, config_to_dict, g
 from cascade_rcnn.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
-    from cascade_rcnn.model import CascadeRCNN
+    from cascade_rcnn.modeling.detector import CascadeRCNN
 
 FORMAT = "cascade_rcnn"
 
@@ -198,7 +198,7 @@ def build_loaded_model(
     config, such as anchors and pixel statistics, are made on the CPU all the same.) A checkpoint that misses tensors
     or has other shapes is a `CheckpointError`, as with `load_into_model`.
     """
-    from cascade_rcnn.model import build_model
+    from cascade_rcnn.modeling.detector import build_model
 
     with torch.device("meta"):
         model = build_model(config)
