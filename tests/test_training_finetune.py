@@ -31,7 +31,8 @@ def test_other_class_count_reinitialises_only_class_layers(tmp_path, class_agnos
     model = build_model(tiny_config(5, **{"cascade.class_agnostic": class_agnostic}))
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
 
-    report, source_format = load_initial_weights(model, path)
+    loaded = load_initial_weights(model, path)
+    report = loaded.report
 
     layers = ("fc_cls",) if class_agnostic else ("fc_cls", "fc_reg")
     expected = sorted(f"roi_heads.box_heads.{s}.{layer}.{p}" for s in range(3) for layer in layers
@@ -44,9 +45,13 @@ def test_other_class_count_reinitialises_only_class_layers(tmp_path, class_agnos
             assert torch.equal(state[name], fresh[name]), name  # kept its fresh initialisation
         else:
             assert torch.equal(state[name], loaded_from[name]), name
-    summary, listing = describe_load(report, model, source_format, path)
+    summary, listing = describe_load(loaded, model, path)
     assert all(name in summary for name in expected)
     assert "warning" not in summary
+    assert "3 classes in the file, 5 in this model" in summary
+    assert f"kept {len(report.loaded)} tensors" in summary and "dropped 0 tensors" in summary
+    # The re-initialised classifier shows both shapes: 3 + 1 and 5 + 1 rows (background last).
+    assert "roi_heads.box_heads.0.fc_cls.weight: file (4, 128) -> model (6, 128)" in summary
     assert all(name in listing for name in report.loaded)
 
 
@@ -63,7 +68,8 @@ def test_backbone_only_torchvision_file(tmp_path):
     torch.save(imagenet.state_dict(), path)
     model = build_model(tiny_config(4))
 
-    report, source_format = load_initial_weights(model, path)
+    loaded = load_initial_weights(model, path)
+    report, source_format = loaded.report, loaded.source
 
     backbone = [n for n in model.state_dict() if n.startswith("backbone.")]
     assert sorted(report.loaded) == sorted(backbone)
@@ -96,7 +102,9 @@ def test_trainer_reports_the_weights_it_loaded(tmp_path):
     messages: list[str] = []
     Trainer(experiment_from_dict(raw), progress=False, log=messages.append)
     text = "\n".join(messages)
-    assert "re-initialised, shape differs from the file (6)" in text
-    assert "roi_heads.box_heads.2.fc_cls.weight (5, 128)" in text  # 4 classes + background
+    assert "80 classes in the file, 4 in this model" in text
+    assert "re-initialised 6 tensors (shape differs from the file" in text
+    assert "roi_heads.box_heads.2.fc_cls.weight: file (81, 128) -> model (5, 128)" in text  # background included
+    assert "dropped 0 tensors of the file" in text
     assert "calibrated" not in text  # weights given: no from-scratch initialisation
     assert (tmp_path / "run" / "weights_load.txt").read_text().count("backbone.layer1.0.conv1.weight") == 1

@@ -5,11 +5,13 @@
         --val-images coco/val2017 --val-annotations coco/ann/val.json --weights r50.pth --epochs 12 --output-dir run
     cascade-rcnn train --resume run                       # continue the latest checkpoint of run/
     cascade-rcnn train --resume run --export-weights model.safetensors
+    cascade-rcnn train --config run.toml --recipe detectron2_1x --accumulate 4
     torchrun --nproc_per_node 4 -m cascade_rcnn train --config run.toml
 
-Settings are layered: the config file (TOML or YAML, see `cascade_rcnn.training.config`), then the flags, then
-`--set` overrides. Exit status: 0 done, 130 interrupted (a resumable checkpoint was written), 2 bad input or a
-non-finite loss.
+Settings are layered: the recipe (mmdetection's 1x unless --recipe or `recipe = ...` names another), the config file
+(TOML or YAML, see `cascade_rcnn.training.config`), then the flags, then `--set` overrides. The effective recipe is
+printed at the start and written to the run folder's recipe.json. Exit status: 0 done, 130 interrupted (a resumable
+checkpoint was written), 2 bad input or a non-finite loss.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ FLAG_KEYS = {
     "names": "data.names",
     "workers": "data.num_workers",
     "preset": "preset",
+    "recipe": "recipe",
+    "accumulate": "train.accumulate",
     "weights": "weights",
     "epochs": "train.epochs",
     "batch_size": "train.batch_size",
@@ -59,10 +63,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--workers", type=int, help="data loader worker processes (2)")
     run = parser.add_argument_group("run")
     run.add_argument("--preset", help="model preset (cascade_rcnn_r50_fpn)")
+    run.add_argument("--recipe", help="training recipe the config starts from: mmdet_1x (default), mmdet_20e, "
+                                      "detectron2_1x, detectron2_3x")
     run.add_argument("--weights", help="start from these weights: any file the project reads, or a backbone-only "
                                        "torchvision ResNet state_dict")
     run.add_argument("--epochs", type=int, help="epochs (default: the schedule's, 12 for 1x)")
-    run.add_argument("--batch-size", type=int, help="images per process and step (2)")
+    run.add_argument("--batch-size", type=int, help="images per process and micro-batch (2)")
+    run.add_argument("--accumulate", type=int, help="micro-batches per optimiser step (1); the lr scales with "
+                                                    "the total batch")
     run.add_argument("--lr", type=float, help="learning rate for 16 images, scaled to the total batch (0.02)")
     run.add_argument("--amp", choices=("off", "bf16", "fp16"), help="mixed precision (off)")
     run.add_argument("--max-iters", type=int, help="stop after this many iterations")

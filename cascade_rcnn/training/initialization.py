@@ -20,6 +20,7 @@ statistics then stay frozen, exactly as pretrained ones would.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,8 +34,23 @@ from cascade_rcnn.io.weights import LoadReport, load_checkpoint, load_into_model
 CLASS_DEPENDENT_SUFFIXES = (".fc_cls.weight", ".fc_cls.bias", ".fc_reg.weight", ".fc_reg.bias")
 
 
-def load_initial_weights(model: nn.Module, weights: str | Path) -> tuple[LoadReport, str]:
-    """Copy a weights file into `model` for fine-tuning; returns the load report and the source format's name.
+@dataclass
+class InitialWeights:
+    """What `load_initial_weights` did: the per-tensor report, the file's format, and the shape of every tensor of
+    the file that has a name in this model (to show what a re-initialised tensor was)."""
+
+    report: LoadReport
+    source: str
+    file_shapes: dict[str, tuple[int, ...]]
+
+    def file_num_classes(self) -> int | None:
+        """The file's class count, from its first stage's classifier (which has a background column), if any."""
+        shape = self.file_shapes.get("roi_heads.box_heads.0.fc_cls.weight")
+        return shape[0] - 1 if shape else None
+
+
+def load_initial_weights(model: nn.Module, weights: str | Path) -> InitialWeights:
+    """Copy a weights file into `model` for fine-tuning; returns what happened to every tensor (`InitialWeights`).
 
     Raises:
         CheckpointError: the file cannot be read, or nothing of it fits the model.
@@ -50,11 +66,12 @@ def load_initial_weights(model: nn.Module, weights: str | Path) -> tuple[LoadRep
         source = "backbone-only (torchvision ResNet names)"
     else:
         checkpoint = load_checkpoint(path)
-        report = load_into_model(model, checkpoint.state_dict, allow_reinit=True, skipped=checkpoint.skipped)
+        state_dict = checkpoint.state_dict
+        report = load_into_model(model, state_dict, allow_reinit=True, skipped=checkpoint.skipped)
         source = checkpoint.source_format
     if not report.loaded:
         raise CheckpointError(f"{path}: no tensor of this file fits the model (names or shapes all differ)")
-    return report, source
+    return InitialWeights(report, source, {name: tuple(t.shape) for name, t in state_dict.items()})
 
 
 def read_backbone_only(path: Path) -> tuple[dict[str, Tensor], list[str]] | None:
@@ -82,25 +99,38 @@ def read_backbone_only(path: Path) -> tuple[dict[str, Tensor], list[str]] | None
     return state_dict, ignored
 
 
-def describe_load(report: LoadReport, model: nn.Module, source: str, path: str | Path) -> tuple[str, str]:
+def describe_load(loaded: InitialWeights, model: nn.Module, path: str | Path) -> tuple[str, str]:
     """(console summary, full listing) of what happened to every tensor when loading `path` into `model`.
 
-    The summary names every re-initialised, ignored and missing tensor and counts the loaded ones by module; the
-    listing also names every loaded tensor (the trainer writes it to `weights_load.txt`).
+    Every tensor of the model is in exactly one of: kept (copied from the file), re-initialised (the file's tensor
+    has another shape, e.g. a classifier for another class count: the model's fresh initialisation is kept), or not
+    in the file (left at its initialisation); every tensor of the file that is not kept is listed as dropped. The
+    summary counts the kept tensors by module and names all the others; the listing also names every kept tensor
+    (the trainer writes it to `weights_load.txt`).
     """
+    report = loaded.report
     own = model.state_dict()
     groups = Counter(name.split(".")[0] for name in report.loaded)
-    lines = [f"weights {path} ({source}):",
-             f"  loaded {len(report.loaded)} tensors: " + ", ".join(f"{g} {n}" for g, n in groups.items())]  # fmt: skip
+    file_classes = loaded.file_num_classes()
+    own_head = own.get("roi_heads.box_heads.0.fc_cls.weight")
+    model_classes = own_head.shape[0] - 1 if own_head is not None else None
+    classes = ""
+    if file_classes is not None and model_classes is not None:
+        classes = (f"; {file_classes} classes in the file, {model_classes} in this model"
+                   if file_classes != model_classes else f"; {model_classes} classes, as in this model")  # fmt: skip
+    lines = [f"weights {path} ({loaded.source}{classes}):",
+             f"  kept {len(report.loaded)} tensors (copied from the file): "
+             + ", ".join(f"{g} {n}" for g, n in groups.items())]  # fmt: skip
     if report.reinitialised:
-        lines.append(f"  re-initialised, shape differs from the file ({len(report.reinitialised)}):")
-        lines += [f"    {n} {tuple(own[n].shape)}" for n in report.reinitialised]
-    ignored = report.unexpected + report.skipped
-    if ignored:
-        lines.append(f"  ignored, not part of this model ({len(ignored)}):")
-        lines += [f"    {n}" for n in ignored]
+        lines.append(f"  re-initialised {len(report.reinitialised)} tensors (shape differs from the file; fresh "
+                     "initialisation kept):")  # fmt: skip
+        lines += [f"    {n}: file {loaded.file_shapes.get(n)} -> model {tuple(own[n].shape)}"
+                  for n in report.reinitialised]  # fmt: skip
+    dropped = report.unexpected + report.skipped
+    lines.append(f"  dropped {len(dropped)} tensors of the file (not part of this model)" + (":" if dropped else ""))
+    lines += [f"    {n}" for n in dropped]
     if report.missing:
-        lines.append(f"  not in the file, kept at their initialisation ({len(report.missing)}):")
+        lines.append(f"  not in the file, left at their initialisation ({len(report.missing)}):")
         lines += [f"    {n}" for n in report.missing]
     other = [n for n in report.reinitialised if not n.endswith(CLASS_DEPENDENT_SUFFIXES)]
     if other:
@@ -109,7 +139,7 @@ def describe_load(report: LoadReport, model: nn.Module, source: str, path: str |
             "differs from the model's (check the preset)"
         )
     summary = "\n".join(lines)
-    listing = summary + "\n  loaded:\n" + "\n".join(f"    {n}" for n in report.loaded) + "\n"
+    listing = summary + "\n  kept:\n" + "\n".join(f"    {n}" for n in report.loaded) + "\n"
     return summary, listing
 
 

@@ -1,11 +1,13 @@
 """The training loop: one place that reads an `ExperimentConfig` and runs it, on one process or under torchrun.
 
-    data (cascade_rcnn.data) -> model(images, targets) -> losses -> finite? -> backward -> [clip] -> SGD step
-    -> lr schedule step -> [log, checkpoint, evaluate, keep best] -> ... -> model_final.safetensors, metrics.json
+    data (cascade_rcnn.data) -> model(images, targets) -> losses -> finite? -> backward [x accumulate] -> [clip]
+    -> SGD step -> lr schedule step -> [log, checkpoint, evaluate, keep best, stop early?] -> ...
+    -> model_final.safetensors, metrics.json
 
 Output folder (`train.output_dir`, written by rank 0 only):
 
     config.json               the run's config and the resolved model config
+    recipe.json               the effective recipe (optimiser, schedule in iterations, data, sampling), also printed
     metrics.jsonl             one JSON record per log interval ("train") and per evaluation ("eval")
     checkpoints/iter_*.pt     resumable training state, the last `keep_checkpoints` kept
     best.safetensors          weights of the best evaluation so far (by `best_metric`), and best.json
@@ -18,11 +20,18 @@ Exactness. Nothing in a training step draws from a global random generator: batc
 optimiser, scheduler and scaler states and the data position restored, a resumed CPU run repeats the remaining steps
 of an uninterrupted one bit for bit. (The global generator states are saved and restored all the same.)
 
-Distributed normalisation. Each process computes the mean losses of its own images (the RPN and heads normalise by
-their sampled count, 256 anchors and `batch_size_per_image` RoIs per image), and DDP averages gradients over
-processes. This equals the combined batch's mean when every image contributes the same number of samples, the usual
-case (2000 proposals per image leave the RoI quota full); an image short of samples weighs slightly differently, as in
-mmdetection and detectron2.
+Distributed normalisation and gradient accumulation. Each process computes the mean losses of its own images (the
+RPN and heads normalise by their sampled count, `rpn.batch_size_per_image` anchors and `cascade.batch_size_per_image`
+RoIs per image), DDP averages gradients over processes, and `train.accumulate = k` backpropagates each of k
+micro-batches' losses divided by k before one optimiser step. Both equal the combined batch's mean, so that k steps
+of b images make the update of one step of k x b images, when every image contributes the same number of samples: the
+usual case (2000 proposals per image leave the RoI quota full, and an image has far more than 256 valid anchors); an
+image short of samples weighs slightly differently, as in mmdetection and detectron2. Frozen batch norm makes a
+micro-batch's forward independent of the others; sampling is seeded per image, so it does not depend on how images
+are grouped either.
+
+Early stopping. With `train.patience = n` and a val set, training stops after n evaluations in a row that do not
+improve `best_metric`; best.safetensors holds the best weights, model_final.safetensors the last ones.
 """
 
 from __future__ import annotations
@@ -53,10 +62,10 @@ from cascade_rcnn.training import checkpoint as ckpt
 from cascade_rcnn.training.config import (
     ExperimentConfig,
     config_differences,
+    counts_iterations,
     experiment_from_dict,
     resolve_model_config,
-    scaled_lr,
-    schedule_of,
+    resolve_schedule,
 )
 from cascade_rcnn.training.data import (
     build_batch_sampler,
@@ -66,16 +75,23 @@ from cascade_rcnn.training.data import (
     load_split,
     report_problems,
 )
-from cascade_rcnn.training.distributed import DistInfo, any_flags, barrier, init_distributed, mean_over_processes
+from cascade_rcnn.training.distributed import (
+    DistInfo,
+    any_flags,
+    barrier,
+    init_distributed,
+    mean_over_processes,
+)
 from cascade_rcnn.training.initialization import calibrate_frozen_batchnorm, describe_load, load_initial_weights
-from cascade_rcnn.training.schedule import build_optimizer, build_scheduler
+from cascade_rcnn.training.recipe import describe_recipe, format_recipe, recipe_json
+from cascade_rcnn.training.schedule import build_optimizer, build_scheduler, split_parameters
 from cascade_rcnn.training.validation import evaluate
 from cascade_rcnn.io.weights import save_weights
 
 # Settings that may change when resuming without changing the trajectory of the run.
 RESUMABLE_CHANGES = (
     "weights", "data.num_workers", "train.device", "train.output_dir", "train.log_interval", "train.eval_interval",
-    "train.eval_batch_size", "train.keep_checkpoints", "train.max_iters", "train.tensorboard",
+    "train.eval_batch_size", "train.keep_checkpoints", "train.max_iters", "train.tensorboard", "train.patience",
 )  # fmt: skip
 
 
@@ -99,6 +115,7 @@ class TrainResult:
     final_weights: Path | None
     metrics: dict[str, float] | None  # the final evaluation's 12 COCO numbers, when a val set is configured
     best: dict[str, Any] | None
+    stopped_early: bool = False  # `train.patience` evaluations in a row without a new best
 
 
 def resolve_device(name: str) -> torch.device:
@@ -193,24 +210,34 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None, **no_buffer_sync
             )
 
-        # Optimisation.
-        self.epochs, lr_step_epochs = schedule_of(t)
-        self.iters_per_epoch = len(self.sampler.epoch_batches())
-        self.total_iters = self.epochs * self.iters_per_epoch
+        # Optimisation. An iteration is one optimiser step: `accumulate` micro-batches of `batch_size` images per
+        # process (the last step of an epoch may have fewer micro-batches).
+        self.batches_per_epoch = len(self.sampler.epoch_batches())
+        self.iters_per_epoch = -(-self.batches_per_epoch // t.accumulate)
+        self.schedule = resolve_schedule(t, self.iters_per_epoch, self.info.world_size)
+        self.epochs = -(-self.schedule.total_iters // self.iters_per_epoch)
+        self.total_iters = self.schedule.total_iters
         if t.max_iters > 0:
             self.total_iters = min(self.total_iters, t.max_iters)
-        self.lr = scaled_lr(t, self.info.world_size)
-        self.step_iters = [e * self.iters_per_epoch for e in lr_step_epochs]
-        self.optimizer = build_optimizer(self.model, self.lr, t.momentum, t.weight_decay)
-        self.scheduler = build_scheduler(self.optimizer, t.warmup_iters, t.warmup_factor, self.step_iters, t.gamma)
+        self.lr = self.schedule.lr
+        self.step_iters = list(self.schedule.step_iters)
+        self.parameter_groups = split_parameters(self.model)
+        self.optimizer = build_optimizer(self.model, self.lr, t.momentum, t.weight_decay, t.weight_decay_norm)
+        self.scheduler = build_scheduler(self.optimizer, self.schedule.warmup_iters, t.warmup_factor, self.step_iters,
+                                         t.gamma, t.warmup_end)  # fmt: skip
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.amp == "fp16")
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.recipe = describe_recipe(exp, self.model_config, self.schedule, self.parameter_groups,
+                                      self.info.world_size)  # fmt: skip
 
         # Position.
         self.iteration = 0
         self.epoch = 0
         self.epoch_iteration = 0
         self.best: dict[str, Any] | None = None
+        self.evals_since_best = 0  # evaluations in a row without a new best (for `patience`)
+        self.stopped_early = False
+        self.last_eval: tuple[int, EvalResult] | None = None  # (iteration, result) of the latest evaluation, rank 0
         self.last_checkpoint: Path | None = None  # rank 0 only
         self.checkpoint_iteration = -1
         self.stop_requested = False
@@ -247,8 +274,8 @@ class Trainer:
     def _initialise_weights(self) -> None:
         t = self.exp.train
         if self.exp.weights:
-            report, source = load_initial_weights(self.model, self.exp.weights)
-            summary, listing = describe_load(report, self.model, source, self.exp.weights)
+            loaded = load_initial_weights(self.model, self.exp.weights)
+            summary, listing = describe_load(loaded, self.model, self.exp.weights)
             self.log(summary)
             if self.info.is_main:
                 self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -276,6 +303,7 @@ class Trainer:
         self.epoch = int(state["epoch"])
         self.epoch_iteration = int(state["epoch_iteration"])
         self.best = json.loads(state["best"]) if state.get("best") else None
+        self.evals_since_best = int(state.get("evals_since_best", 0))
         ckpt.restore_rng_states(state["rng"], self.loader_generator)
 
     # -----------------------------------------------------------------------------------------------------------------
@@ -308,6 +336,7 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         config = {"experiment": self.exp.to_dict(), "model": config_to_dict(self.model_config)}
         (self.output_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        (self.output_dir / "recipe.json").write_text(recipe_json(self.recipe), encoding="utf-8")
         metrics = self.output_dir / "metrics.jsonl"
         if metrics.exists():
             # A resumed run redoes the iterations after its checkpoint: drop their records from the killed run.
@@ -323,22 +352,20 @@ class Trainer:
                 self._tensorboard = SummaryWriter(str(self.output_dir / "tensorboard"))
 
     def describe(self) -> str:
+        """What the run is (model, data, device, output) and its effective recipe (`format_recipe`)."""
         t, m = self.exp.train, self.model
         total_params = sum(p.numel() for p in m.parameters())
         trainable = sum(p.numel() for p in self.params)
-        lr_note = (f"{t.lr:g} per {t.lr_reference_batch} images, scaled linearly to the total batch"
-                   if t.scale_lr else "as given")  # fmt: skip
         lines = [
             f"model: {self.exp.preset} with {self.model_config.num_classes} classes, "
             f"{total_params / 1e6:.1f} M parameters ({trainable / 1e6:.1f} M trained)",
             f"data: {len(self.train_data)} training images"
-            + (f", {len(self.val.dataset)} val images" if self.val else ", no val set"),
-            f"schedule: {self.epochs} epochs x {self.iters_per_epoch} iterations = {self.epochs * self.iters_per_epoch}"
-            + (f", stopping at {self.total_iters}" if self.total_iters < self.epochs * self.iters_per_epoch else "")
-            + f"; lr steps at iterations {self.step_iters}; warm-up {t.warmup_iters}",
-            f"batch: {t.batch_size} images x {self.info.world_size} processes; lr {self.lr:g} ({lr_note}); "
-            f"device {self.device}; amp {t.amp}",
-            f"output: {self.output_dir}",
+            + (f", {len(self.val.dataset)} val images" if self.val else ", no val set")
+            + f"; {self.batches_per_epoch} batches of {t.batch_size} per process and epoch",
+            format_recipe(self.recipe),
+            f"device {self.device}; output {self.output_dir}"
+            + (f"; early stopping after {t.patience} evaluations without a new best {t.best_metric}"
+               if t.patience else ""),  # fmt: skip
         ]
         return "\n".join(lines)
 
@@ -368,12 +395,20 @@ class Trainer:
 
     def _run(self) -> None:
         t = self.exp.train
-        while self.iteration < self.total_iters:
-            self.sampler.set_epoch(self.epoch, self.epoch_iteration)
+        k = t.accumulate
+        while self.iteration < self.total_iters and not self.stopped_early:
+            consumed = self.epoch_iteration * k  # this process's batches of the epoch already trained on
+            self.sampler.set_epoch(self.epoch, consumed)
             self.train_set.set_epoch(self.epoch)
+            group: list[tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]] = []
             for images, targets in build_loader(self.train_set, self.sampler, self.exp.data.num_workers,
                                                 self.loader_generator):  # fmt: skip
-                self.step(images, targets)
+                group.append((images, targets))
+                consumed += 1
+                if len(group) < k and consumed < self.batches_per_epoch:
+                    continue
+                self.step(group)
+                group = []
                 if t.checkpoint_interval > 0 and self.iteration % t.checkpoint_interval == 0:
                     self.save_checkpoint()
                 if self.iteration >= self.total_iters:
@@ -385,31 +420,45 @@ class Trainer:
                     self.save_checkpoint()
                 if t.eval_interval > 0 and self.epoch % t.eval_interval == 0 and self.iteration < self.total_iters:
                     self.run_evaluation()
+                    self._check_patience()
 
-    def step(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """One optimisation step on this process's batch; returns the (local) loss values."""
+    def step(self, batches: list[tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]]) -> dict[str, float]:
+        """One optimisation step on this process's micro-batches (`train.accumulate` of them, fewer at the end of an
+        epoch): each one's losses, divided by the number of micro-batches, are backpropagated in turn (see the module
+        docstring), then SGD steps once. Returns the (local) loss values, averaged over the micro-batches."""
         t = self.exp.train
-        images = [image.to(self.device, non_blocking=True) for image in images]
-        # `sample_seed` stays on the CPU: the samplers read it as a Python int.
-        targets = [{k: v if k == "sample_seed" else v.to(self.device, non_blocking=True) for k, v in target.items()}
-                   for target in targets]  # fmt: skip
         min_size = None
         if self.exp.data.multiscale_short_sides:
+            # One short side per step, for all of its micro-batches (as for the one batch they stand for).
             min_size = random.Random(f"{t.seed}:scale:{self.iteration}").choice(self.exp.data.multiscale_short_sides)
-        with self._autocast():
-            losses = self.ddp_model(images, targets, min_size)
-        losses = {k: v.float() for k, v in losses.items()}
-        values = {k: v.item() for k, v in losses.items()}
-        bad = [k for k, v in values.items() if not math.isfinite(v)]
-        nonfinite, stop = any_flags([bool(bad), self.stop_requested], self.info, self.device)
-        if nonfinite:
-            self._stop_nonfinite(bad, values)
-        if stop:
-            path = self.save_checkpoint()
-            raise TrainingInterrupted(path, self.iteration)
-        total = sum(losses.values())
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(total).backward()
+        values: dict[str, float] = {}
+        num_images = 0
+        for index, (images, targets) in enumerate(batches):
+            images = [image.to(self.device, non_blocking=True) for image in images]
+            # `sample_seed` stays on the CPU: the samplers read it as a Python int.
+            targets = [{k: v if k == "sample_seed" else v.to(self.device, non_blocking=True) for k, v in target.items()}
+                       for target in targets]  # fmt: skip
+            # DDP averages gradients over processes once, after the step's last micro-batch.
+            last = index == len(batches) - 1
+            no_sync = self.ddp_model.no_sync() if self.info.enabled and not last else contextlib.nullcontext()
+            with no_sync:
+                with self._autocast():
+                    losses = self.ddp_model(images, targets, min_size)
+                losses = {k: v.float() for k, v in losses.items()}
+                micro = {k: v.item() for k, v in losses.items()}
+                bad = [k for k, v in micro.items() if not math.isfinite(v)]
+                nonfinite, stop = any_flags([bool(bad), self.stop_requested], self.info, self.device)
+                if nonfinite:
+                    self._stop_nonfinite(bad, micro)
+                if stop:
+                    # The parameters are still those before this step: the checkpoint resumes at its first batch.
+                    path = self.save_checkpoint()
+                    raise TrainingInterrupted(path, self.iteration)
+                self.scaler.scale(sum(losses.values()) / len(batches)).backward()
+            for k, v in micro.items():
+                values[k] = values.get(k, 0.0) + v / len(batches)
+            num_images += len(images)
         grad_norm = None
         if t.clip_grad_norm > 0:
             self.scaler.unscale_(self.optimizer)
@@ -420,7 +469,7 @@ class Trainer:
         self.scheduler.step()
         self.iteration += 1
         self.epoch_iteration += 1
-        self._accumulate(values, len(images), lr, grad_norm)
+        self._log_step(values, num_images, lr, grad_norm)
         return values
 
     def _stop_nonfinite(self, bad: list[str], values: dict[str, float]) -> None:
@@ -434,7 +483,7 @@ class Trainer:
     # -----------------------------------------------------------------------------------------------------------------
     # Logging during the loop
 
-    def _accumulate(self, values: dict[str, float], num_images: int, lr: float, grad_norm: float | None) -> None:
+    def _log_step(self, values: dict[str, float], num_images: int, lr: float, grad_norm: float | None) -> None:
         for k, v in values.items():
             self._window[k] = self._window.get(k, 0.0) + v
         self._window["loss"] = self._window.get("loss", 0.0) + sum(values.values())
@@ -481,8 +530,9 @@ class Trainer:
 
         # Counted in iterations, shown in images (batch x processes per iteration): the rate is images/s; the ETA
         # is tqdm's, from the recent rate.
+        t = self.exp.train
         self._bar = tqdm(total=self.total_iters, initial=self.iteration, unit="img", dynamic_ncols=True,
-                         unit_scale=self.exp.train.batch_size * self.info.world_size, desc="train")  # fmt: skip
+                         unit_scale=t.batch_size * self.info.world_size * t.accumulate, desc="train")  # fmt: skip
         try:
             yield
         finally:
@@ -516,6 +566,7 @@ class Trainer:
             "experiment": json.dumps(self.exp.to_dict()),
             "model_config": json.dumps(config_to_dict(self.model_config)),
             "best": json.dumps(self.best) if self.best else "",
+            "evals_since_best": self.evals_since_best,
         }
 
     def save_checkpoint(self) -> Path | None:
@@ -545,6 +596,8 @@ class Trainer:
             raise ConfigError(f"train.best_metric = {t.best_metric!r} is not a COCO metric ({', '.join(result.metrics)})")
         value = result.metrics[t.best_metric]
         improved = self.best is None or value > self.best["value"]
+        self.evals_since_best = 0 if improved else self.evals_since_best + 1
+        self.last_eval = (self.iteration, result)
         self._write_record({"type": "eval", "iteration": self.iteration, "epoch": self.epoch, **result.metrics,
                             "best": improved})  # fmt: skip
         self.log(f"evaluation at iteration {self.iteration} (epoch {self.epoch}) on {num_images} val images:\n"
@@ -554,8 +607,21 @@ class Trainer:
             save_weights(self.model, self.model_config, self.output_dir / "best.safetensors", self.exp.preset)
             (self.output_dir / "best.json").write_text(json.dumps(self.best, indent=2) + "\n", encoding="utf-8")
             self.log(f"new best {t.best_metric} {value:.4f}: {self.output_dir / 'best.safetensors'}")
+        elif self.best is not None:
+            self.log(f"{t.best_metric} {value:.4f}, no better than the best {self.best['value']:.4f} (iteration "
+                     f"{self.best['iteration']}): {self.evals_since_best} evaluation(s) without a new best")
         barrier(self.info)
         return result
+
+    def _check_patience(self) -> None:
+        """Decide (on rank 0, then on every process alike) whether `patience` ends the run."""
+        t = self.exp.train
+        stop = self.info.is_main and t.patience > 0 and self.evals_since_best >= t.patience
+        (self.stopped_early,) = any_flags([stop], self.info, self.device)  # rank 0's decision, on every process
+        if self.stopped_early and self.info.is_main:
+            self.log(f"early stop at iteration {self.iteration}: {self.evals_since_best} evaluations without a new "
+                     f"best {t.best_metric} (train.patience = {t.patience}); best {self.best['value']:.4f} at "
+                     f"iteration {self.best['iteration']}: {self.output_dir / 'best.safetensors'}")  # fmt: skip
 
     def _finish(self) -> TrainResult:
         if self.checkpoint_iteration != self.iteration:
@@ -565,8 +631,16 @@ class Trainer:
             final = save_weights(self.model, self.model_config, self.output_dir / "model_final.safetensors",
                                  self.exp.preset)  # fmt: skip
             self.log(f"final weights: {final}")
-        result = self.run_evaluation(out_dir=self.output_dir)
-        return TrainResult(self.iteration, self.output_dir, final, result.metrics if result else None, self.best)
+        if self.stopped_early and self.last_eval is not None and self.last_eval[0] == self.iteration:
+            # These weights were just evaluated: write that evaluation's files rather than run it again.
+            result: EvalResult | None = self.last_eval[1]
+            write_eval_files(result, self.output_dir)  # type: ignore[arg-type]
+        elif self.stopped_early and not self.info.is_main:
+            result = None
+        else:
+            result = self.run_evaluation(out_dir=self.output_dir)
+        return TrainResult(self.iteration, self.output_dir, final, result.metrics if result else None, self.best,
+                           self.stopped_early)  # fmt: skip
 
     def _install_signal_handlers(self) -> Callable[[], None]:
         """SIGINT/SIGTERM ask the loop to checkpoint and stop after the current step; a second one stops at once."""
@@ -599,6 +673,16 @@ def load_model_from_checkpoint(path: str | Path) -> tuple[CascadeRCNN, ModelConf
     model = build_model(model_config)
     model.load_state_dict(state["model"])
     return model, model_config, preset
+
+
+def write_eval_files(result: EvalResult, out_dir: Path) -> None:
+    """The files `evaluate_coco(out_dir=...)` writes, from a result already computed."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result.files.append(result.write_json(out_dir / "metrics.json"))
+    per_class = out_dir / "per_class_ap.json"
+    per_class.write_text(json.dumps(result.per_class, indent=2) + "\n", encoding="utf-8")
+    result.files.append(per_class)
+    result.files += result.write_pr_curves(out_dir)
 
 
 def _duration(seconds: float) -> str:
