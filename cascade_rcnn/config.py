@@ -47,7 +47,6 @@ class BackboneConfig:
 class FPNConfig:
     out_channels: int = 256
     # Upsampling in the top-down path: nearest to the lateral's size (mmdet) or nearest x2 (same on /32-padded input).
-    extra_level: Literal["maxpool"] = "maxpool"  # P6 = max_pool2d(P5, 1, stride 2)
 
 
 @dataclass(frozen=True)
@@ -375,16 +374,26 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+# Keys that configs stored by earlier versions carry (weights files, ONNX metadata, training checkpoints) and this
+# version has no field for, each with the one value it could hold. `config_from_dict` drops them, so those files load.
+LEGACY_KEYS: dict[str, Any] = {
+    "fpn.extra_level": "maxpool",  # P6 = max_pool2d(P5, 1, stride 2): the only extra level there ever was
+}
+
+
 def config_from_dict(data: dict[str, Any], cls: type = ModelConfig, _prefix: str = "") -> Any:
     """Rebuild a config dataclass from `config_to_dict` output (or a user's TOML/YAML mapping).
 
-    Unknown keys raise ConfigError naming the key; lists become tuples; nested dataclasses are rebuilt.
+    Unknown keys raise ConfigError naming the key, except a `LEGACY_KEYS` entry with its one value (a config stored by
+    an earlier version), which is dropped; lists become tuples; nested dataclasses are rebuilt.
     """
     if not isinstance(data, dict):
         raise ConfigError(f"{cls.__name__}: expected a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
+        if key not in fields and _prefix + key in LEGACY_KEYS and LEGACY_KEYS[_prefix + key] == value:
+            continue
         if key not in fields:
             raise ConfigError(f"unknown config key {_prefix + key!r} ({cls.__name__} has: {', '.join(sorted(fields))})")
         hint = typing.get_type_hints(cls)[key]

@@ -14,7 +14,6 @@ from cascade_rcnn.data import DetectionDataset, ImageRecord
 from cascade_rcnn.data.transforms import (
     AspectRatioGroupedBatchSampler,
     DetectionTorchDataset,
-    DistributedAspectRatioGroupedBatchSampler,
     aspect_ratio_groups,
     choose_short_side,
     collate_fn,
@@ -215,13 +214,6 @@ def test_distributed_ranks_deal_the_global_batch_list(drop_last):
     resumed = AspectRatioGroupedBatchSampler(GROUPS, 2, seed=0, epoch=2, drop_last=drop_last, rank=1, world_size=world)
     resumed.set_epoch(2, start_index=2)
     assert list(resumed) == per_rank[1][2:]
-
-
-def test_distributed_sampler_needs_a_process_group_or_explicit_rank():
-    with pytest.raises(RuntimeError, match="process group"):
-        DistributedAspectRatioGroupedBatchSampler(GROUPS, 2)
-    explicit = DistributedAspectRatioGroupedBatchSampler(GROUPS, 2, rank=0, world_size=2)
-    assert list(explicit) == list(AspectRatioGroupedBatchSampler(GROUPS, 2, rank=0, world_size=2))
 
 
 def test_sampler_argument_checks():

@@ -26,7 +26,8 @@ from cascade_rcnn.modeling.matcher import Matcher
 from cascade_rcnn.modeling.postprocess import multiclass_nms
 from cascade_rcnn.modeling.roi_align import MultiScaleRoIAlign
 from cascade_rcnn.modeling.transform import Transform
-from cascade_rcnn.io.weights import load_checkpoint, sniff_format
+from cascade_rcnn.io.torch_checkpoint import sniff_checkpoint_format
+from cascade_rcnn.io.weights import load_checkpoint
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Input transform
@@ -323,7 +324,7 @@ def test_backbone_fpn_rpn_names() -> None:
 def test_a_ckpt_is_recognised_by_content_and_gets_the_mindspore_preset(tmp_path: Path) -> None:
     path = tmp_path / "weights.bin"  # not named .ckpt: the content decides
     write_mindspore_ckpt(path, {**mindspore_head_tensors(), "global_step": np.array([5], np.int32)})
-    assert sniff_format(path) == "mindspore"
+    assert sniff_checkpoint_format(path) == "mindspore"
     checkpoint = load_checkpoint(path)
     assert (checkpoint.preset, checkpoint.source_format) == (PRESET, "mindspore")
     assert checkpoint.config == get_preset(PRESET)

@@ -238,6 +238,33 @@ def test_metadata_class_count_that_does_not_fit_the_tensors(
     _assert_one_line_error_naming(err, path)
 
 
+def test_file_of_an_earlier_version_with_fpn_extra_level_loads(tmp_path: Path) -> None:
+    """Weights saved before `FPNConfig.extra_level` was removed store `"fpn": {..., "extra_level": "maxpool"}`: the
+    one legacy key is dropped on reading, and the detector is the one the file describes."""
+    torch.manual_seed(0)
+    detector = Detector(config=tiny_config(3, **SMALL))
+    tensors = {k: v.contiguous() for k, v in detector.model.state_dict().items()}
+    config = config_to_dict(detector.config)
+    assert "extra_level" not in config["fpn"]
+    config["fpn"]["extra_level"] = "maxpool"
+    path = _write_with_metadata(tmp_path / "earlier.safetensors", tensors, _project_metadata(json.dumps(config)))
+
+    loaded = Detector.from_weights(path)
+    assert loaded.config == detector.config
+    image = torch.rand(3, 80, 100, generator=torch.Generator().manual_seed(1)) * 255
+    expected, got = detector.predict(image), loaded.predict(image)
+    assert torch.equal(expected.boxes, got.boxes) and torch.equal(expected.scores, got.scores)
+
+
+def test_legacy_key_with_a_value_it_never_had_is_still_unknown(tmp_path: Path) -> None:
+    config = config_to_dict(tiny_config(3, **SMALL))
+    config["fpn"]["extra_level"] = "conv"  # never a valid value: not an earlier version's file
+    metadata = _project_metadata(json.dumps(config))
+    path = _write_with_metadata(tmp_path / "odd.safetensors", {"w": torch.ones(1)}, metadata)
+    with pytest.raises(CheckpointError, match=r"odd\.safetensors: .*unknown config key 'fpn\.extra_level'"):
+        Detector.from_weights(path)
+
+
 def test_small_file_with_a_valid_project_header_but_other_tensors(small_project_file: Path) -> None:
     """The intact small file reads, then fails where its tensors meet the model: still named."""
     with pytest.raises(CheckpointError, match=f"{small_project_file}: checkpoint is missing"):

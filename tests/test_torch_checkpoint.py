@@ -12,7 +12,6 @@ import os
 import pickle
 import shlex
 import sys
-import types
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -283,16 +282,25 @@ def test_sniff_formats(tmp_path: Path) -> None:
     assert sniff_checkpoint_format(tmp_path / "empty.bin") == "unknown"
 
 
-def test_sniff_asks_the_mindspore_reader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    ckpt = tmp_path / "x.ckpt"
-    ckpt.write_bytes(b"\x0a\x10\x0a\x04conv" + bytes(32))
-    # Absent module (None in sys.modules makes the import fail): the sniffer says 'unknown' instead of failing.
-    monkeypatch.setitem(sys.modules, "cascade_rcnn.io.mindspore_ckpt", None)
-    assert sniff_checkpoint_format(ckpt) == "unknown"
-    fake = types.ModuleType("cascade_rcnn.io.mindspore_ckpt")
-    fake.is_mindspore_ckpt = lambda path: Path(path) == ckpt  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "cascade_rcnn.io.mindspore_ckpt", fake)
-    assert sniff_checkpoint_format(ckpt) == "mindspore"
+def test_sniff_recognises_a_mindspore_ckpt_by_its_first_record(tmp_path: Path) -> None:
+    from cascade_rcnn.io.mindspore_ckpt import write_mindspore_ckpt
+
+    ckpt = tmp_path / "weights.bin"
+    write_mindspore_ckpt(ckpt, {"conv.weight": np.ones((2, 3), np.float32)})
+    assert sniff_checkpoint_format(ckpt) == "mindspore"  # by content, whatever the suffix
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(ckpt.read_bytes()[:6])  # the first record's header cut short
+    assert sniff_checkpoint_format(cut) == "unknown"
     other = tmp_path / "other.bin"
-    other.write_bytes(b"\x0a\x10" + bytes(32))
+    other.write_bytes(b"\x0a\x10" + bytes(32))  # a protobuf-like start that is no checkpoint record
     assert sniff_checkpoint_format(other) == "unknown"
+
+
+def test_sniff_names_a_cut_safetensors_file_safetensors(tmp_path: Path) -> None:
+    """A download cut inside the header is still sent to the safetensors reader, whose error says what is wrong."""
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2)}, tmp_path / "w.safetensors")
+    data = (tmp_path / "w.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:12])
+    assert sniff_checkpoint_format(tmp_path / "cut.safetensors") == "safetensors"

@@ -260,38 +260,6 @@ class AspectRatioGroupedBatchSampler(Sampler[list[int]]):
         return batches
 
 
-class DistributedAspectRatioGroupedBatchSampler(AspectRatioGroupedBatchSampler):
-    """`AspectRatioGroupedBatchSampler` with rank and world size taken from the initialised process group.
-
-    `batch_size` is per rank; the global batch is ``batch_size * world_size``.
-    """
-
-    def __init__(
-        self,
-        group_ids: Sequence[int],
-        batch_size: int,
-        *,
-        shuffle: bool = True,
-        seed: int = 0,
-        epoch: int = 0,
-        drop_last: bool = False,
-        start_index: int = 0,
-        rank: int | None = None,
-        world_size: int | None = None,
-    ) -> None:
-        import torch.distributed as dist
-
-        if rank is None or world_size is None:
-            if not (dist.is_available() and dist.is_initialized()):
-                raise RuntimeError("no initialised torch.distributed process group: pass rank and world_size")
-            rank = dist.get_rank() if rank is None else rank
-            world_size = dist.get_world_size() if world_size is None else world_size
-        super().__init__(
-            group_ids, batch_size, shuffle=shuffle, seed=seed, epoch=epoch, drop_last=drop_last,
-            start_index=start_index, rank=rank, world_size=world_size,
-        )  # fmt: skip
-
-
 def _epoch_seed(seed: int, epoch: int) -> int:
     # Distinct (seed, epoch) pairs give distinct generator seeds for any realistic epoch count (< 2**20).
     return ((int(seed) << 20) + int(epoch)) & (2**63 - 1)

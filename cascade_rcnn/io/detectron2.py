@@ -41,7 +41,7 @@ from torch import Tensor
 
 from cascade_rcnn.config import ModelConfig, get_preset
 from cascade_rcnn.errors import CheckpointError
-from cascade_rcnn.io.weights import Checkpoint, register_converter
+from cascade_rcnn.io.weights import Checkpoint
 
 PRESET = "cascade_rcnn_r50_fpn_detectron2"
 
@@ -190,7 +190,6 @@ def detectron2_checkpoint(
     return Checkpoint(config, converted, preset_name, source_format, skipped)
 
 
-@register_converter("pickle")
 def convert_detectron2_pkl(path: Path, preset: str | None = None) -> Checkpoint:
     """Read a detectron2 model-zoo `.pkl` (through the restricted unpickler: nothing in the file is ever run) and
     convert it to the project's names and the detectron2 preset (or `preset`)."""

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from cascade_rcnn.config import COCO_CLASSES, ModelConfig, get_preset, with_overrides
 from cascade_rcnn.errors import CheckpointError
-from cascade_rcnn.io.weights import Checkpoint, register_converter
+from cascade_rcnn.io.weights import Checkpoint
 
 PRESET = "cascade_rcnn_r101_fpn_mindspore"
 STAGE_NAMES = {"rcnn": 0, "rcnn1": 1, "rcnn2": 2}
@@ -129,7 +129,6 @@ def infer_config(state_dict: dict[str, Tensor], preset: str | None) -> tuple[Mod
     return config, name
 
 
-@register_converter("mindspore")
 def convert_mindspore_checkpoint(path: Path, preset: str | None = None) -> Checkpoint:
     """Read a MindSpore `.ckpt` and convert it to the project's names, layouts and config."""
     from cascade_rcnn.io.mindspore_ckpt import read_mindspore_ckpt

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from cascade_rcnn.config import ModelConfig, get_preset
 from cascade_rcnn.errors import CheckpointError
-from cascade_rcnn.io.weights import Checkpoint, register_converter
+from cascade_rcnn.io.weights import Checkpoint
 
 # (mmdetection name pattern, project name template), tried in order; the first match wins.
 NAME_MAP: list[tuple[re.Pattern[str], str]] = [
@@ -155,7 +155,6 @@ def check_supported_style(meta: dict[str, Any], path: Path) -> None:
         )
 
 
-@register_converter("torch")
 def convert_torch_checkpoint(path: Path, preset: str | None = None) -> Checkpoint:
     """Read a `torch.save` checkpoint (mmdetection's layout, or a bare state_dict in mmdetection or project names)
     and convert it to the project's names and config."""

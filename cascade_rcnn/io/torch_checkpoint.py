@@ -9,7 +9,8 @@ Two entry points:
     * detectron2 trainer files (`Checkpointer.save`): `{'model': state_dict, 'optimizer': ..., 'iteration': ...}`;
       `meta` then holds the top-level plain values (e.g. `iteration`);
     * a bare state_dict.
-- `sniff_checkpoint_format(path)` names a weights file's format from its first bytes.
+- `sniff_checkpoint_format(path)` names any weights file's format from its first bytes (safetensors, torch, pickle,
+  MindSpore): the one format sniffer of the package, on which `cascade_rcnn.io.weights.load_checkpoint` dispatches.
 
 Reading is done in two steps. First `torch.load(..., weights_only=True)`, PyTorch's own allow-list unpickler. Old
 checkpoints often carry objects it refuses (numpy scalars in `meta`, an mmcv `ConfigDict`, mmengine's `MessageHub`
@@ -35,6 +36,7 @@ from typing import Any, ClassVar
 import torch
 
 from cascade_rcnn.errors import CheckpointError
+from cascade_rcnn.io.mindspore_ckpt import is_mindspore_ckpt
 
 logger = logging.getLogger(__name__)
 
@@ -458,9 +460,9 @@ def sniff_checkpoint_format(path: str | Path) -> str:
 
     Returns:
         'torch' (a `torch.save` zip with a data.pkl record, or the legacy format's magic number), 'pickle' (any other
-        pickle, e.g. a detectron2 model-zoo .pkl), 'safetensors' (8-byte little-endian header length, then '{'),
-        'mindspore' (as `cascade_rcnn.io.mindspore_ckpt.is_mindspore_ckpt` decides, when that module is installed)
-        or 'unknown'.
+        pickle, e.g. a detectron2 model-zoo .pkl), 'safetensors' (8-byte little-endian header length, then '{'; a
+        header longer than the file is still 'safetensors', so that a cut download gets the safetensors reader's
+        error), 'mindspore' (as `cascade_rcnn.io.mindspore_ckpt.is_mindspore_ckpt` decides) or 'unknown'.
     """
     path = Path(path)
     with open(path, "rb") as f:
@@ -480,20 +482,9 @@ def sniff_checkpoint_format(path: str | Path) -> str:
         return "pickle"
     if len(head) >= 9 and head[8:9] == b"{":
         header_len = int.from_bytes(head[:8], "little")
-        if 2 <= header_len <= min(_SAFETENSORS_MAX_HEADER, path.stat().st_size - 8):
+        if 2 <= header_len <= _SAFETENSORS_MAX_HEADER:
             return "safetensors"
-    if _is_mindspore_ckpt(path):
+    if is_mindspore_ckpt(path):  # reads the first record's header only; never raises
         return "mindspore"
     return "unknown"
 
-
-def _is_mindspore_ckpt(path: Path) -> bool:
-    # Imported here: the MindSpore reader is a separate module that may be absent, and only this branch needs it.
-    try:
-        from cascade_rcnn.io.mindspore_ckpt import is_mindspore_ckpt
-    except ImportError:
-        return False
-    try:
-        return bool(is_mindspore_ckpt(path))
-    except Exception:  # noqa: BLE001 - a sniffer answers "not mindspore" rather than fail on a foreign file
-        return False

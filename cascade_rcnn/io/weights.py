@@ -2,19 +2,18 @@
 
 A project weights file is a safetensors file whose metadata holds `format: "cascade_rcnn"`, the model config as JSON,
 the preset name and the class names, so that the file alone is enough to rebuild the detector. Peer checkpoints
-(mmdetection `.pth`, detectron2 `.pkl`, MindSpore `.ckpt`) are recognised by their content and converted to the
-project's names by the converter registered for their format in `CONVERTERS`. Nothing is ever unpickled beyond
-tensors: safetensors, protobuf, or `torch.load(weights_only=True)` and restricted unpicklers.
+(mmdetection `.pth`, detectron2 `.pkl`, MindSpore `.ckpt`) are recognised by their content
+(`sniff_checkpoint_format`) and converted to the project's names by their reader (`convert_peer_checkpoint`). Nothing
+is ever unpickled beyond tensors: safetensors, protobuf, or `torch.load(weights_only=True)` and restricted unpicklers.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -23,6 +22,7 @@ from torch import Tensor, nn
 
 from cascade_rcnn.config import ModelConfig, config_from_dict, config_to_dict, get_preset
 from cascade_rcnn.errors import CheckpointError, ConfigError
+from cascade_rcnn.io.torch_checkpoint import sniff_checkpoint_format
 
 if TYPE_CHECKING:
     from cascade_rcnn.modeling.detector import CascadeRCNN
@@ -63,19 +63,6 @@ class LoadReport:
         return "\n".join(lines)
 
 
-# Converters for peer formats: sniffed format name -> function(path, preset name or None) -> Checkpoint.
-# Filled by the modules that read each format (see `register_converter`).
-CONVERTERS: dict[str, Callable[[Path, str | None], Checkpoint]] = {}
-
-
-def register_converter(fmt: str) -> Callable:
-    def decorator(fn: Callable[[Path, str | None], Checkpoint]) -> Callable[[Path, str | None], Checkpoint]:
-        CONVERTERS[fmt] = fn
-        return fn
-
-    return decorator
-
-
 def save_weights(model: nn.Module, config: ModelConfig, path: str | Path, preset: str | None = None) -> Path:
     """Write the model's tensors and its config to a safetensors file (atomically: temporary file, then rename)."""
     path = Path(path)
@@ -100,16 +87,6 @@ def save_weights(model: nn.Module, config: ModelConfig, path: str | Path, preset
     return path
 
 
-def is_safetensors(path: Path) -> bool:
-    """True when the file starts like a safetensors file (8-byte little-endian header length, then a JSON object)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-    except OSError:
-        return False
-    return len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < 100_000_000
-
-
 def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     from safetensors import safe_open
 
@@ -132,7 +109,8 @@ def load_checkpoint(path: str | Path, preset: str | None = None) -> Checkpoint:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such weights file")
-    if is_safetensors(path):
+    fmt = sniff_checkpoint_format(path)
+    if fmt == "safetensors":
         state_dict, metadata = read_safetensors(path)
         if metadata.get("format") == FORMAT:
             config = _stored_config(path, metadata)
@@ -142,18 +120,36 @@ def load_checkpoint(path: str | Path, preset: str | None = None) -> Checkpoint:
             return Checkpoint(config, state_dict, preset or stored_preset, FORMAT)
         # A bare safetensors state_dict in the project's names: the preset decides the architecture.
         return Checkpoint(get_preset(preset or "cascade_rcnn_r50_fpn"), state_dict, preset, "safetensors")
-    fmt = sniff_format(path)
-    if fmt not in CONVERTERS:
-        _import_converters()
-    if fmt not in CONVERTERS:
-        raise CheckpointError(f"{path}: unrecognised weights format ({fmt}); expected safetensors, .pth, .pkl or .ckpt")
     try:
-        return CONVERTERS[fmt](path, preset)
+        return convert_peer_checkpoint(path, fmt, preset)
     except CheckpointError as error:
         # Some converter messages name only the tensor or layer; the user needs to know which file it is.
         if str(path) in str(error):
             raise
         raise CheckpointError(f"{path}: {error}") from None
+
+
+def convert_peer_checkpoint(path: Path, fmt: str, preset: str | None) -> Checkpoint:
+    """Read a peer's checkpoint of the sniffed format `fmt` and convert it to the project's names and config.
+
+    'torch': a `torch.save` file (mmdetection's layout, a detectron2 trainer file, or a bare state_dict); 'pickle': a
+    detectron2 model-zoo `.pkl`; 'mindspore': a MindSpore `.ckpt`.
+    """
+    # Imported here, not at the top: each reader imports `Checkpoint` from this module, and a safetensors load needs
+    # none of them.
+    if fmt == "torch":
+        from cascade_rcnn.io.mmdet import convert_torch_checkpoint
+
+        return convert_torch_checkpoint(path, preset)
+    if fmt == "pickle":
+        from cascade_rcnn.io.detectron2 import convert_detectron2_pkl
+
+        return convert_detectron2_pkl(path, preset)
+    if fmt == "mindspore":
+        from cascade_rcnn.io.mindspore import convert_mindspore_checkpoint
+
+        return convert_mindspore_checkpoint(path, preset)
+    raise CheckpointError(f"{path}: unrecognised weights format ({fmt}); expected safetensors, .pth, .pkl or .ckpt")
 
 
 def _stored_config(path: Path, metadata: dict[str, str]) -> ModelConfig:
@@ -166,26 +162,6 @@ def _stored_config(path: Path, metadata: dict[str, str]) -> ModelConfig:
         raise CheckpointError(f"{path}: the metadata's 'config' is not valid JSON ({error})") from None
     except (ConfigError, TypeError, ValueError) as error:  # TypeError: a value of the wrong type met a check
         raise CheckpointError(f"{path}: the metadata's 'config' does not fit this version ({error})") from None
-
-
-def sniff_format(path: Path) -> str:
-    try:
-        from cascade_rcnn.io.torch_checkpoint import sniff_checkpoint_format
-    except ImportError:
-        return "unknown"
-    return sniff_checkpoint_format(path)
-
-
-def _import_converters() -> None:
-    """Import the modules that register peer converters (kept lazy so a plain safetensors load imports nothing)."""
-    import importlib
-
-    for module in ("cascade_rcnn.io.mmdet", "cascade_rcnn.io.detectron2", "cascade_rcnn.io.mindspore"):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as error:
-            if error.name != module:
-                raise
 
 
 def build_loaded_model(

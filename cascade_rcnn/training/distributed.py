@@ -96,15 +96,6 @@ def gather_to_main(obj: Any, info: DistInfo) -> list[Any] | None:
     return gathered if info.is_main else None
 
 
-def broadcast_from_main(obj: Any, info: DistInfo) -> Any:
-    """Rank 0's `obj` on every process."""
-    if not info.enabled:
-        return obj
-    box = [obj if info.is_main else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
