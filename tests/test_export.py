@@ -13,7 +13,7 @@ import torch
 from torchvision.ops import box_iou
 
 from cascade_rcnn.api import Detector, to_tensor_image
-from cascade_rcnn.benchmarks.inference import calibrate_cascade
+from cascade_rcnn.benchmarks.calibrated_weights import calibrate_cascade
 from cascade_rcnn.cli import main
 from cascade_rcnn.errors import CascadeRCNNError
 from cascade_rcnn.deploy.onnx_export import INPUT_NAMES, OUTPUT_NAMES, DetectorGraph, ExportError, export_onnx

@@ -1,20 +1,12 @@
-"""Calibrated random weights, FLOP counting and the CPU benchmark behind `cascade-rcnn benchmark`.
+"""FLOP counting and the CPU inference benchmark behind `cascade-rcnn benchmark`.
 
-Untrained weights make a detector degenerate: objectness and class scores sit near one value, NMS keeps a handful of
-boxes and nothing passes the score threshold, which fakes a speed-up. `calibrate_cascade` and `calibrate_torchvision`
-give any model of either family weights that behave like a trained model's in the work they cause, as the mmdet
-reference recipe did (shared/reference/mmdet/README.md, "How the values were chosen"):
-
-- convolution and linear weights N(0, 2 / fan_in), biases N(0, 0.01^2); frozen batch-norm gamma U(0.5, 1.5) (U(0.1, 0.3)
-  on the last norm of a residual branch), beta N(0, 0.1^2);
-- frozen batch-norm running statistics = the batch statistics of one forward pass on a calibration image;
-- on that image, the RPN objectness logits scaled to std 1.5 and centred per anchor, minus 3; RPN deltas std 0.15;
-  each box head's class logits scaled to std 4 and centred per class, with +10 on background; its deltas std 1.5.
+Every model gets calibrated random weights (`cascade_rcnn.benchmarks.calibrated_weights`), so that all do a trained
+model's post-processing work.
 """
 
 from __future__ import annotations
 
-import math
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,157 +16,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Calibrated random weights
-
-
-def randomize_weights(model: nn.Module, seed: int = 0) -> None:
-    """Re-draw every conv/linear weight and bias and every frozen batch-norm affine, in place (see module docstring)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
-                fan_in = module.weight[0].numel()
-                module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * math.sqrt(2.0 / fan_in))
-                if module.bias is not None:
-                    module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * 0.01)
-            elif isinstance(module, FrozenBatchNorm2d):
-                # Small gamma on the norm that ends a residual branch keeps activations bounded through 16+ blocks.
-                low, high = (0.1, 0.3) if name.endswith(("bn3", "downsample.1")) else (0.5, 1.5)
-                module.weight.copy_(torch.rand(module.weight.shape, generator=gen) * (high - low) + low)
-                module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * 0.1)
-                module.running_mean.zero_()
-                module.running_var.fill_(1.0)
-
-
-@dataclass
-class OutputCalibration:
-    """How to rescale one conv/linear layer so its outputs on the calibration image have a given spread.
-
-    The weight is multiplied by one scalar so that the outputs (bias excluded; centred per output channel when
-    `centre`) have std `std`; the bias becomes `shift` (per output channel), minus the per-channel mean of the rescaled
-    outputs when `centre`.
-    """
-
-    layer: nn.Module
-    std: float
-    centre: bool = False
-    shift: Tensor | float = 0.0
-
-    def apply(self, outputs: Tensor) -> tuple[float, Tensor]:
-        """Rescale the layer for its bias-free `outputs` (R, C); returns the weight scale and the new bias."""
-        mean = outputs.mean(dim=0) if self.centre else torch.zeros(outputs.shape[1])
-        scale = self.std / max((outputs - mean).std().item(), 1e-12)
-        bias = torch.zeros(outputs.shape[1]) + self.shift - mean * scale
-        with torch.no_grad():
-            self.layer.weight.mul_(scale)
-            if self.layer.bias is not None:
-                self.layer.bias.copy_(bias)
-        return scale, bias
-
-
-def _bias_free_rows(module: nn.Module, output: Tensor) -> Tensor:
-    """A conv's (B, C, H, W) or a linear's (N, C) output as (rows, C), with the layer's bias taken off."""
-    out = output.detach().float()
-    if out.dim() == 4:
-        out = out.permute(0, 2, 3, 1).reshape(-1, out.shape[1])
-    return out if module.bias is None else out - module.bias.detach().float()
-
-
-def calibrate(
-    model: nn.Module,
-    forward: Callable[[], object],
-    dense: list[OutputCalibration],
-    heads: list[OutputCalibration],
-) -> None:
-    """Calibrate `model` in two forward passes.
-
-    Pass 1 sets every FrozenBatchNorm2d's running mean/var to the batch statistics (unbiased variance) of its input, in
-    execution order so each sees already-calibrated inputs, and collects the outputs of the `dense` layers (the RPN
-    head's, called once per level; rescaled after the pass, as nothing in that pass depends on them). Pass 2 rescales
-    each of `heads` (layers called once per forward, e.g. one per cascade stage) inside the pass, so a later stage
-    sees the calibrated outputs of the earlier ones.
-    """
-    collected: dict[int, list[Tensor]] = {id(c.layer): [] for c in dense}
-
-    def set_stats(module: FrozenBatchNorm2d, inputs: tuple[Tensor, ...]) -> None:
-        x = inputs[0].detach().float().transpose(0, 1).flatten(1)
-        module.running_mean.copy_(x.mean(dim=1))
-        module.running_var.copy_(x.var(dim=1))
-
-    def collect(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        collected[id(module)].append(_bias_free_rows(module, output))
-
-    by_layer = {id(c.layer): c for c in heads}
-    done: set[int] = set()
-
-    def rescale(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
-        if id(module) in done:
-            raise RuntimeError(f"calibration: {module} is called more than once per forward")
-        done.add(id(module))
-        rows = _bias_free_rows(module, output)
-        scale, bias = by_layer[id(module)].apply(rows)
-        return (rows * scale + bias).reshape(output.shape).to(output.dtype)
-
-    with torch.inference_mode(False), torch.no_grad():
-        handles = [m.register_forward_pre_hook(set_stats) for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
-        handles += [c.layer.register_forward_hook(collect) for c in dense]
-        try:
-            forward()
-        finally:
-            for h in handles:
-                h.remove()
-        for c in dense:
-            if not collected[id(c.layer)]:
-                raise RuntimeError(f"calibration: {c.layer} was not called")
-            c.apply(torch.cat(collected[id(c.layer)]))
-        handles = [c.layer.register_forward_hook(rescale) for c in heads]
-        try:
-            forward()
-        finally:
-            for h in handles:
-                h.remove()
-
-
-def calibrate_cascade(
-    model: nn.Module,
-    image: Tensor,
-    seed: int = 0,
-    delta_std: float = 1.5,
-    logit_std: float = 4.0,
-    background_logit: float = 10.0,
-) -> None:
-    """Give a `CascadeRCNN` calibrated random weights on `image` ((3, H, W) RGB 0-255, any size: the model resizes it).
-
-    `delta_std` is the spread of the box heads' raw deltas, `logit_std` that of their class logits, and
-    `background_logit` the background's offset. A random network's rounding errors grow with its logits, and its
-    features change within a pixel, so a box error becomes a feature error at the next stage: smaller values give
-    better-conditioned weights (for comparing two implementations) with as many detections.
-    """
-    model.eval()
-    randomize_weights(model, seed)
-    rpn = model.rpn.head
-    dense = [OutputCalibration(rpn.cls_logits, 1.5, True, -3.0), OutputCalibration(rpn.bbox_pred, 0.15)]
-    heads = []
-    for head in model.roi_heads.box_heads:
-        num_classes = head.fc_cls.out_features - 1
-        shift = torch.zeros(num_classes + 1)
-        shift[num_classes] = background_logit  # background is the last column
-        heads += [OutputCalibration(head.fc_cls, logit_std, True, shift), OutputCalibration(head.fc_reg, delta_std)]
-    calibrate(model, lambda: model.predict([image]), dense, heads)
-
-
-def calibrate_torchvision(model: nn.Module, image: Tensor, seed: int = 0) -> None:
-    """The same calibration for a torchvision `FasterRCNN` (background is its class 0)."""
-    model.eval()
-    randomize_weights(model, seed)
-    rpn, predictor = model.rpn.head, model.roi_heads.box_predictor
-    shift = torch.zeros(predictor.cls_score.out_features)
-    shift[0] = 10.0
-    dense = [OutputCalibration(rpn.cls_logits, 1.5, True, -3.0), OutputCalibration(rpn.bbox_pred, 0.15)]
-    heads = [OutputCalibration(predictor.cls_score, 4.0, True, shift), OutputCalibration(predictor.bbox_pred, 1.5)]
-    calibrate(model, lambda: model([image / 255.0]), dense, heads)
-
+from cascade_rcnn.benchmarks.calibrated_weights import calibrate_cascade, calibrate_torchvision
 
 # ---------------------------------------------------------------------------------------------------------------------
 # FLOPs
@@ -258,6 +100,38 @@ def build_torchvision_reference(min_size: int, max_size: int, proposals: int, de
     ).eval()
 
 
+def save_torchvision_reference(model: nn.Module, settings: tuple[int, int, int, int], path: Path) -> Path:
+    """Write a `build_torchvision_reference` model as safetensors, its four settings in the metadata: the same kind of
+    file as ours, read by the same reader (`load_torchvision_reference`)."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(path), metadata={"settings": json.dumps(list(settings))})
+    return path
+
+
+def load_torchvision_reference(path: Path) -> nn.Module:
+    """A `save_torchvision_reference` file loaded as `Detector.from_weights` loads ours: the file read into memory of
+    its own, the model built on the meta device (no random initialisation), and the file's tensors handed to it, so
+    one copy of the weights exists, and none once the model is dropped."""
+    from cascade_rcnn.io.weights import read_safetensors
+
+    state_dict, metadata = read_safetensors(path)
+    with torch.device("meta"):
+        model = build_torchvision_reference(*json.loads(metadata["settings"]))
+    model.load_state_dict(state_dict, assign=True)
+    # The anchor generator's cell anchors are plain attributes made in its constructor (meta tensors here): make them
+    # again on the CPU, as our model makes its config's constants.
+    anchors = model.rpn.anchor_generator
+    anchors.cell_anchors = [
+        anchors.generate_anchors(size, ratios) for size, ratios in zip(anchors.sizes, anchors.aspect_ratios)
+    ]
+    unset = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if unset:
+        raise RuntimeError(f"torchvision reference: no values for {', '.join(unset[:5])}")
+    return model.eval()
+
+
 def cpu_description() -> str:
     """CPU model and the instruction sets that matter here (from /proc/cpuinfo where there is one)."""
     import platform
@@ -280,7 +154,10 @@ def cpu_description() -> str:
 
 def peak_rss_child(kind: str, weights: str, image: str, threads: int) -> tuple[float, float]:
     """In a fresh process: load `weights`, detect on `image`. Returns the process's peak resident memory in MB, and
-    its resident memory once Python, torch, torchvision and this package are imported (before any model exists)."""
+    its resident memory once Python, torch, torchvision and this package are imported (before any model exists).
+
+    Both kinds load alike (a safetensors file read into private memory, the model built on the meta device and
+    given the file's tensors): one copy of the weights is alive during inference, whichever model it is."""
     from cascade_rcnn.api import Detector, to_tensor_image
 
     runtime = _proc_status_mb("VmRSS")
@@ -289,9 +166,7 @@ def peak_rss_child(kind: str, weights: str, image: str, threads: int) -> tuple[f
     if kind == "torch_fp32":
         Detector.from_weights(weights).predict(img)
     else:
-        meta = torch.load(weights, weights_only=True)
-        model = build_torchvision_reference(*meta["settings"])
-        model.load_state_dict(meta["state_dict"])
+        model = load_torchvision_reference(Path(weights))
         with torch.inference_mode():
             model([img / 255.0])
     # This process image's own high-water mark (ru_maxrss would include the parent's, kept across fork + exec).
@@ -310,7 +185,6 @@ def _proc_status_mb(field: str) -> float:
 
 
 def _measure_peak_rss(kind: str, weights: Path, image: Path, threads: int) -> tuple[float, float]:
-    import json
     import os
     import subprocess
     import sys
@@ -380,9 +254,13 @@ def run_benchmark(settings: BenchmarkSettings, log: Callable[[str], None] = prin
     times: dict[str, list[float]] = {name: [] for name in runners}
     detections: dict[str, list[int]] = {name: [] for name in runners}
     matmul_rates = [matmul_gflops(s.threads, seconds=0.5)]
+    names = list(runners)
     for i, (path, img) in enumerate(zip(s.images, images)):
         matmul_rates.append(matmul_gflops(s.threads, seconds=0.5))  # the CPU's rate now, as load varies
-        for name, run in runners.items():
+        # Each image starts with another path, so that no path always runs first (after the matmul, on cold caches)
+        # or always right after the same neighbour.
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            run = runners[name]
             start = time.perf_counter()
             with torch.inference_mode():
                 out = run(img)
@@ -391,7 +269,8 @@ def run_benchmark(settings: BenchmarkSettings, log: Callable[[str], None] = prin
         log(f"  image {i + 1}/{len(images)} {path.name}: " + "  ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items()))
 
     # Batch of `batch` images with equal padded size (the Detector runs only those together), against the same images
-    # one by one, measured back to back.
+    # one by one, measured back to back after one untimed batch (the one-by-one path is warm from the loop above: the
+    # first batched call would otherwise pay for its larger maps' first allocation).
     transform = fp32.model.transform
     by_size: dict[tuple[int, int], list[Tensor]] = {}
     for img in images:
@@ -400,6 +279,7 @@ def run_benchmark(settings: BenchmarkSettings, log: Callable[[str], None] = prin
     group = max(by_size.values(), key=len)
     group = (group * s.batch)[: s.batch]
     with torch.inference_mode():
+        fp32.predict(group, batch_size=s.batch)  # warm-up
         start = time.perf_counter()
         for img in group:
             fp32.predict(img)
@@ -429,8 +309,7 @@ def run_benchmark(settings: BenchmarkSettings, log: Callable[[str], None] = prin
     weights = fp32.save(work / "weights.safetensors")
     measured = {"torch_fp32": _measure_peak_rss("torch_fp32", weights, s.images[0], s.threads)}
     if tv is not None:
-        tv_weights = work / "torchvision.pt"
-        torch.save({"settings": tv_settings, "state_dict": tv.state_dict()}, tv_weights)
+        tv_weights = save_torchvision_reference(tv, tv_settings, work / "torchvision.safetensors")
         measured["torchvision_faster_rcnn"] = _measure_peak_rss("torchvision", tv_weights, s.images[0], s.threads)
     tmp.cleanup()
     rss = {name: peak for name, (peak, _) in measured.items()}
@@ -447,7 +326,7 @@ def run_benchmark(settings: BenchmarkSettings, log: Callable[[str], None] = prin
         "ratio_vs_torchvision_fp32": ratio("torch_fp32", "torchvision_faster_rcnn"),
         "onnxruntime_speedup": ratio("torch_fp32", "onnxruntime"),
         "bf16_speedup": ratio("torch_fp32", "torch_bf16"),
-        "batch4_speedup": single / batched,
+        f"batch{s.batch}_speedup": single / batched,  # one by one / batched time of the same `batch` images
         "batch_size": s.batch,
         "gflops_per_image": statistics.fmean(flops) / 1e9,
         "achieved_gflops": achieved,
@@ -484,7 +363,7 @@ def run_benchmark(settings: BenchmarkSettings, log: Callable[[str], None] = prin
 
 def report(result: dict) -> str:
     """The benchmark's figures as a text table."""
-    s = result["settings"]
+    s, batch = result["settings"], result["batch_size"]
     secs, fp32 = result["seconds_per_image"], result["seconds_per_image"]["torch_fp32"]
     labels = {
         "torch_fp32": "ours, PyTorch fp32",
@@ -522,7 +401,7 @@ def report(result: dict) -> str:
         f"ours fp32 / torchvision fp32 time:    {fmt(result['ratio_vs_torchvision_fp32'])}   (target <= 0.95)",
         f"ONNX Runtime speed-up over fp32:      {fmt(result['onnxruntime_speedup'])}x  (target >= 1.3)",
         f"bf16 speed-up over fp32:              {fmt(result['bf16_speedup'])}x  (target >= 1.6)",
-        f"batch of {result['batch_size']} vs one by one:      {fmt(result['batch4_speedup'])}x  (target >= 1.2)",
+        f"batch of {batch} vs one by one:      {fmt(result[f'batch{batch}_speedup'])}x  (target >= 1.2)",
         (
             f"FLOPs per image (ours):               {result['gflops_per_image']:.1f} GFLOP "
             f"(conv + matmul, FlopCounterMode); params {result['params'] / 1e6:.1f} M"

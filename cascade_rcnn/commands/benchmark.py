@@ -6,6 +6,9 @@ it; every model gets calibrated random weights (so that all do the same post-pro
 detections, 1000 proposals). Prints seconds per image and their ratios, FLOPs and parameters, the achieved GFLOP/s
 against this CPU's matmul rate measured in the same run, the batch-of-4 throughput gain and the peak resident memory
 of one image in a fresh process; `--json FILE` writes the same figures.
+
+`--bf16-accuracy WEIGHTS --images DIR --annotations JSON` instead compares bf16 with float32 on a trained model
+(`cascade_rcnn.benchmarks.bf16_accuracy`): COCO AP of each, and how closely bf16 reproduces float32's detections.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime path")
     parser.add_argument("--no-torchvision", action="store_true", help="skip torchvision's Faster R-CNN")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument("--bf16-accuracy", metavar="WEIGHTS",
+                        help="instead of timing: bf16 vs float32 accuracy of these weights on --images/--annotations")
+    parser.add_argument("--annotations", type=Path, metavar="JSON", help="COCO file of --images (--bf16-accuracy)")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -47,6 +53,8 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.bf16_accuracy:
+        return run_bf16_accuracy(args)
     from cascade_rcnn.benchmarks.inference import CALIBRATION_IMAGE, BenchmarkSettings, report, run_benchmark
     from cascade_rcnn.commands.predict import IMAGE_EXTENSIONS
 
@@ -72,6 +80,20 @@ def run(args: argparse.Namespace) -> int:
     )
     result = run_benchmark(settings, log=lambda line: print(line, file=sys.stderr, flush=True))
     print(report(result))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def run_bf16_accuracy(args: argparse.Namespace) -> int:
+    from cascade_rcnn.benchmarks.bf16_accuracy import compare_bf16, report_bf16
+
+    if args.annotations is None:
+        raise ConfigError("--bf16-accuracy needs --annotations (a COCO file of the --images folder)")
+    result = compare_bf16(args.bf16_accuracy, args.images, args.annotations, threads=args.threads,
+                          log=lambda line: print(line, file=sys.stderr, flush=True))  # fmt: skip
+    print(report_bf16(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
