@@ -9,6 +9,10 @@ of one image in a fresh process; `--json FILE` writes the same figures.
 
 `--bf16-accuracy WEIGHTS --images DIR --annotations JSON` instead compares bf16 with float32 on a trained model
 (`cascade_rcnn.benchmarks.bf16_accuracy`): COCO AP of each, and how closely bf16 reproduces float32's detections.
+
+`--train` instead times a training step (`cascade_rcnn.benchmarks.training`): batch 2 of coco128 training images with
+their boxes, at each `--train-sizes`, beside torchvision's Faster R-CNN step, with the bf16 autocast speed-up and the
+peak memory of one step of each.
 """
 
 from __future__ import annotations
@@ -40,6 +44,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bf16-accuracy", metavar="WEIGHTS",
                         help="instead of timing: bf16 vs float32 accuracy of these weights on --images/--annotations")
     parser.add_argument("--annotations", type=Path, metavar="JSON", help="COCO file of --images (--bf16-accuracy)")
+    train = parser.add_argument_group("training step (--train)")
+    train.add_argument("--train", action="store_true", help="instead: time a training step beside torchvision's")
+    train.add_argument("--train-data", type=Path, default=DEFAULT_IMAGES.parent,
+                       help=f"coco128 folder: train2017/, val2017/, annotations/ ({DEFAULT_IMAGES.parent})")
+    train.add_argument("--train-sizes", default="800x1333,512x853", help="comma-separated sizes (800x1333,512x853)")
+    train.add_argument("--train-steps", type=int, default=3, help="timed steps per path and size (3)")
+    train.add_argument("--train-profile", action="store_true", help="also profile one step of each (torch.profiler)")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -55,6 +66,8 @@ def parse_size(text: str) -> tuple[int, int]:
 def run(args: argparse.Namespace) -> int:
     if args.bf16_accuracy:
         return run_bf16_accuracy(args)
+    if args.train:
+        return run_train(args)
     from cascade_rcnn.benchmarks.inference import CALIBRATION_IMAGE, BenchmarkSettings, report, run_benchmark
     from cascade_rcnn.commands.predict import IMAGE_EXTENSIONS
 
@@ -94,6 +107,23 @@ def run_bf16_accuracy(args: argparse.Namespace) -> int:
     result = compare_bf16(args.bf16_accuracy, args.images, args.annotations, threads=args.threads,
                           log=lambda line: print(line, file=sys.stderr, flush=True))  # fmt: skip
     print(report_bf16(result))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from cascade_rcnn.benchmarks.training import TrainBenchmarkSettings, report, run_train_benchmark
+
+    sizes = tuple(parse_size(size) for size in args.train_sizes.split(","))
+    if not (args.train_data / "annotations" / "instances_train2017.json").is_file():
+        raise ConfigError(f"--train-data: {args.train_data} has no annotations/instances_train2017.json (coco128)")
+    settings = TrainBenchmarkSettings(data_root=args.train_data, preset=args.preset, sizes=sizes,
+                                      steps=args.train_steps, threads=args.threads, bf16=not args.no_bf16,
+                                      torchvision=not args.no_torchvision, profile=args.train_profile)  # fmt: skip
+    result = run_train_benchmark(settings, log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(report(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")

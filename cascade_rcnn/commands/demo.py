@@ -13,7 +13,10 @@
     detections.json            the val detections (COCO results format)
     data/{train,val}/*.png, data/{train,val}.json   the synthetic set and its COCO annotations
     predictions/*.png          val images with their detections drawn
-    train/                     the training run: metrics.jsonl, config.json, checkpoints
+    train/                     the training run: metrics.jsonl, config.json, recipe.json, checkpoints
+
+`--data-only --layout coco|voc|yolo` writes only the synthetic set, in the folder layout of that annotation format
+(`write_layout`), to try `data check` and `train` on a dataset shaped like one's own.
 """
 
 from __future__ import annotations
@@ -63,6 +66,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draw", type=int, default=16, help="val images to draw predictions on (16)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a demo config key, as `train --set` (e.g. train.lr=0.01)")
+    parser.add_argument("--data-only", action="store_true",
+                        help="only write the synthetic dataset (in --layout) and print its folder tree")
+    parser.add_argument("--layout", choices=("coco", "voc", "yolo"), default="coco",
+                        help="folder layout of --data-only: COCO JSON, Pascal VOC XML or YOLO txt (coco)")
 
 
 def demo_experiment(data: dict[str, Path], out: Path, epochs: int, seed: int, max_iters: int) -> dict[str, Any]:
@@ -90,6 +97,12 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
+    if args.data_only:
+        files = write_layout(out, args.layout, args.num_train, args.num_val, args.seed)
+        print(f"wrote the synthetic shapes set ({args.num_train} train + {args.num_val} val images, 4 classes) in the "
+              f"{args.layout} layout:")  # fmt: skip
+        print(folder_tree(out, files))
+        return 0
     print(f"[1/4] generating {args.num_train} + {args.num_val} synthetic images in {out / 'data'}", flush=True)
     data = make_shapes_dataset(out / "data", num_train=args.num_train, num_val=args.num_val, seed=args.seed)
 
@@ -146,3 +159,102 @@ def evaluate_and_draw(weights: Path, data: dict[str, Path], out: Path, draw: int
     print(result.format_table())
     sys.stdout.flush()
     return result.metrics
+
+
+def write_layout(out: Path, layout: str, num_train: int, num_val: int, seed: int) -> list[Path]:
+    """The synthetic set under `out` in the folder layout of `layout`; returns the files written.
+
+        coco: train/*.png, val/*.png, train.json, val.json
+        voc:  JPEGImages/{train,val}_NNNNNN.png, Annotations/{train,val}_NNNNNN.xml, ImageSets/Main/{train,val}.txt,
+              names.txt (the class order; VOC files name their classes)
+        yolo: images/{train,val}/NNNNNN.png, labels/{train,val}/NNNNNN.txt (class cx cy w h, normalised), names.txt
+    """
+    import tempfile
+
+    from cascade_rcnn.data.synthetic import CLASS_NAMES, make_shapes_dataset
+
+    if layout == "coco":
+        paths = make_shapes_dataset(out, num_train=num_train, num_val=num_val, seed=seed)
+        return sorted([*paths["train_images"].iterdir(), *paths["val_images"].iterdir(), paths["train_annotations"],
+                       paths["val_annotations"]])  # fmt: skip
+    files: list[Path] = []
+    out.mkdir(parents=True, exist_ok=True)
+    names = out / "names.txt"
+    names.write_text("".join(f"{name}\n" for name in CLASS_NAMES), encoding="utf-8")
+    files.append(names)
+    with tempfile.TemporaryDirectory(prefix="shapes_") as tmp:
+        paths = make_shapes_dataset(tmp, num_train=num_train, num_val=num_val, seed=seed)
+        for split in ("train", "val"):
+            coco = json.loads(paths[f"{split}_annotations"].read_text(encoding="utf-8"))
+            boxes: dict[int, list[tuple[int, list[float]]]] = {}
+            for ann in coco["annotations"]:
+                boxes.setdefault(ann["image_id"], []).append((ann["category_id"] - 1, ann["bbox"]))
+            stems = []
+            for image in coco["images"]:
+                objects = boxes.get(image["id"], [])
+                source = paths[f"{split}_images"] / image["file_name"]
+                if layout == "voc":
+                    stem = f"{split}_{Path(image['file_name']).stem}"
+                    files.append(_copy(source, out / "JPEGImages" / f"{stem}.png"))
+                    files.append(_write(out / "Annotations" / f"{stem}.xml",
+                                        _voc_xml(f"{stem}.png", image, objects, CLASS_NAMES)))  # fmt: skip
+                    stems.append(stem)
+                else:
+                    files.append(_copy(source, out / "images" / split / image["file_name"]))
+                    w, h = image["width"], image["height"]
+                    lines = [f"{c} {(x + bw / 2) / w:.6f} {(y + bh / 2) / h:.6f} {bw / w:.6f} {bh / h:.6f}\n"
+                             for c, (x, y, bw, bh) in objects]  # fmt: skip
+                    label_file = out / "labels" / split / f"{Path(image['file_name']).stem}.txt"
+                    files.append(_write(label_file, "".join(lines)))
+            if layout == "voc":
+                files.append(_write(out / "ImageSets" / "Main" / f"{split}.txt", "".join(f"{s}\n" for s in stems)))
+    return sorted(files)
+
+
+def _voc_xml(file_name: str, image: dict[str, Any], objects: list[tuple[int, list[float]]],
+             class_names: tuple[str, ...]) -> str:  # fmt: skip
+    # VOC boxes are 1-based inclusive pixel indices: a box over pixels x1 .. x2 - 1 is xmin = x1 + 1, xmax = x2.
+    parts = [f"<annotation><filename>{file_name}</filename><size><width>{image['width']}</width><height>"
+             f"{image['height']}</height><depth>3</depth></size>"]  # fmt: skip
+    for label, (x, y, w, h) in objects:
+        box = f"<xmin>{int(x) + 1}</xmin><ymin>{int(y) + 1}</ymin><xmax>{int(x + w)}</xmax><ymax>{int(y + h)}</ymax>"
+        name = class_names[label]
+        parts.append(f"<object><name>{name}</name><difficult>0</difficult><bndbox>{box}</bndbox></object>")
+    return "".join(parts) + "</annotation>\n"
+
+
+def _copy(source: Path, target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    return target
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def folder_tree(root: Path, files: list[Path], shown: int = 2) -> str:
+    """`root` as an indented tree of its folders, with the first `shown` files of each and a count of the rest."""
+    children: dict[Path, set[Path]] = {}
+    for path in files:
+        node = path
+        while node != root:
+            children.setdefault(node.parent, set()).add(node)
+            node = node.parent
+    lines = [f"{root}/"]
+
+    def walk(folder: Path, depth: int) -> None:
+        entries = sorted(children.get(folder, ()))
+        folders = [e for e in entries if e in children]
+        leaves = [e for e in entries if e not in children]
+        for sub in folders:
+            lines.append(f"{'    ' * depth}{sub.name}/")
+            walk(sub, depth + 1)
+        lines.extend(f"{'    ' * depth}{leaf.name}" for leaf in leaves[:shown])
+        if len(leaves) > shown:
+            lines.append(f"{'    ' * depth}... ({len(leaves)} files)")
+
+    walk(root, 1)
+    return "\n".join(lines)
