@@ -41,6 +41,10 @@ class BackboneConfig:
     bn_eps: float = 1e-5
     stride_in_1x1: bool = False  # False: stride on the 3x3 conv (mmdet 'pytorch' style); True: on the 1x1 (detectron2 MSRA)
     stem_pool: Literal["pad1", "tf_same"] = "pad1"  # 3x3/2 max-pool padding: 1 (torchvision) or TF 'SAME' (MindSpore)
+    # Batch norm always normalises with its frozen running statistics; its affine weight and bias are trained in the
+    # stages not frozen (True: mmdetection's requires_grad=True with norm_eval=True, and the MindSpore seed's) or frozen
+    # too (False: detectron2's FrozenBN). The state_dict is the same either way.
+    norm_trainable: bool = True
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,10 @@ class RPNConfig:
     fg_iou_thresh: float = 0.7
     bg_iou_thresh: float = 0.3
     low_quality_min_iou: float = 0.3  # best-anchor matches kept only above this IoU (mmdet min_pos_iou)
+    # Crowd boxes (iscrowd) are never ground truth. None: they have no effect at all (mmdetection's ignore_iof_thr=-1;
+    # detectron2 and the seed drop them); a float t: anchors a crowd box covers (intersection / anchor area > t) are
+    # ignored (mmdetection's ignore_iof_thr).
+    ignore_iof_thresh: float | None = None
     batch_size_per_image: int = 256
     positive_fraction: float = 0.5
     smooth_l1_beta: float = 1.0 / 9.0
@@ -125,6 +133,7 @@ class CascadeConfig:
     batch_size_per_image: int = 512
     positive_fraction: float = 0.25
     add_gt_as_proposals: bool = True
+    ignore_iof_thresh: float | None = None  # crowd boxes, as rpn.ignore_iof_thresh, for each stage's proposals
     smooth_l1_beta: float = 1.0
     # How the stages' class scores are combined at inference:
     #   "mean_logits": softmax of the mean of the logits (mmdetection);
@@ -290,7 +299,7 @@ def cascade_rcnn_r50_fpn_detectron2(**overrides: Any) -> ModelConfig:
     """detectron2's `Misc/cascade_mask_rcnn_R_50_FPN_{1x,3x}` box path (42.1 / 44.3 box AP with its model-zoo weights).
     Each difference from mmdetection is one named setting; see `shared/reference/detectron2/README.md`."""
     cfg = ModelConfig(
-        backbone=BackboneConfig(stride_in_1x1=True),  # MSRA ResNet (RESNETS.STRIDE_IN_1X1)
+        backbone=BackboneConfig(stride_in_1x1=True, norm_trainable=False),  # MSRA ResNet (STRIDE_IN_1X1), FrozenBN
         box_coder=BoxCoderConfig(clamp_below=False),  # Box2BoxTransform clamps dw, dh from above only
         rpn=RPNConfig(proposal_score="logit"),  # find_top_rpn_proposals ranks raw logits
         roi_align=RoIAlignConfig(canonical_size=224.0, canonical_level=4, level_eps=1e-8),  # ROIPooler levels

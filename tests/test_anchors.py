@@ -1,6 +1,12 @@
 import torch
 
-from cascade_rcnn.modeling.anchors import AnchorGenerator, base_anchors, grid_anchors, valid_anchor_flags
+from cascade_rcnn.modeling.anchors import (
+    AnchorGenerator,
+    base_anchors,
+    grid_anchors,
+    inside_anchor_flags,
+    valid_anchor_flags,
+)
 
 
 def test_base_anchors_hand_computed():
@@ -46,3 +52,24 @@ def test_generator_levels_and_sizes():
 def test_valid_flags_mark_padding_cells_invalid():
     flags = valid_anchor_flags((4, 4), (32, 16), 8, 3, torch.device("cpu")).view(4, 4, 3)
     assert flags[:, :2].all() and not flags[:, 2:].any()
+
+
+def test_valid_flags_round_the_image_up_to_whole_cells():
+    # An 8-row image on stride 16 still owns the first row of cells; 17 columns own two columns of cells.
+    flags = valid_anchor_flags((3, 3), (8, 17), 16, 1, torch.device("cpu")).view(3, 3)
+    assert flags.tolist() == [[True, True, False], [False, False, False], [False, False, False]]
+
+
+def test_inside_flags_are_strict_at_the_right_and_bottom_edges():
+    anchors = torch.tensor(
+        [
+            [0.0, 0.0, 99.0, 49.0],  # inside
+            [0.0, 0.0, 100.0, 49.0],  # x2 == w: outside (mmdetection keeps x2 < w only)
+            [0.0, 0.0, 99.0, 50.0],  # y2 == h: outside
+            [-0.5, 0.0, 10.0, 10.0],  # x1 < 0: outside
+            [0.0, -0.5, 10.0, 10.0],  # y1 < 0: outside
+        ]
+    )
+    assert inside_anchor_flags(anchors, (50, 100)).tolist() == [True, False, False, False, False]
+    assert inside_anchor_flags(anchors, (50, 100), allowed_border=1.0).tolist() == [True] * 5
+    assert inside_anchor_flags(anchors, (50, 100), allowed_border=-1).all()  # negative: every anchor

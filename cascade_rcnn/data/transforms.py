@@ -7,6 +7,12 @@ training. ``resize=True`` moves the keep-ratio resize into the data loader (work
 wants it there; the model's transform then finds the image already at scale. Either way the dataset never normalises
 or pads.
 
+Flip order. mmdetection resizes, then flips the resized image: x1' = W - x2, x2' = W - x1 with W the resized width
+(no -1). With ``resize=True`` the dataset does exactly that, bit for bit (OpenCV's bilinear arithmetic, mmcv's sizes;
+checked against mmdetection's recorded training inputs). With ``resize=False`` the flip comes first, at the original
+size: boxes then differ from mmdetection's by float rounding only ((W - x) * s = W' - x * s), and OpenCV's resize is
+mirror-symmetric up to its fixed-point rounding (1 level at about 1e-4 of the pixels, measured on COCO images).
+
 Determinism. Every random choice takes an explicit `random.Random`. The dataset derives one per sample from
 ``(seed, epoch, index)``, so a sample's augmentation does not depend on worker count, worker scheduling or where a
 resumed run starts. The batch samplers are a pure function of ``(seed, epoch)`` and can start at any batch.
@@ -18,12 +24,12 @@ import random
 from collections.abc import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
 from cascade_rcnn.data.dataset import DetectionDataset
 from cascade_rcnn.data.image_io import load_image
 from cascade_rcnn.errors import DatasetError
+from cascade_rcnn.modeling.transform import resize_bilinear_cv2
 
 
 def keep_ratio_scale(height: int, width: int, short: int, long: int) -> float:
@@ -34,25 +40,32 @@ def keep_ratio_scale(height: int, width: int, short: int, long: int) -> float:
 def resize_keep_ratio(
     image: torch.Tensor, boxes: torch.Tensor, short: int, long: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Resize a (3, H, W) float image and its boxes, keeping the aspect ratio, to fit (short, long).
+    """Resize a (3, H, W) image (values 0..255) and its boxes, keeping the aspect ratio, to fit (short, long), as
+    mmdetection's `Resize(keep_ratio=True)`.
 
-    The output size is ``round(H * s), round(W * s)`` with ``s = keep_ratio_scale(...)``; boxes are scaled by the
-    exact per-axis factors ``W'/W`` and ``H'/H`` so they stay aligned with the rounded image. Bilinear interpolation
-    with ``align_corners=False`` (as torchvision's detection transform and OpenCV).
+    The output size is ``int(H * s + 0.5), int(W * s + 0.5)`` with ``s = keep_ratio_scale(...)`` (mmcv `imrescale`),
+    the pixels OpenCV's bilinear resize of the 8-bit image (`resize_bilinear_cv2`: float32, integer-valued), and the
+    boxes are scaled by the exact per-axis factors ``W'/W`` and ``H'/H``, then clipped to the resized image.
 
     Returns:
         (image (3, H', W'), boxes (N, 4) in the resized frame, scale_factor (2,) float32 ``[W'/W, H'/H]``).
     """
     height, width = image.shape[-2:]
     scale = keep_ratio_scale(height, width, short, long)
-    new_height, new_width = max(1, round(height * scale)), max(1, round(width * scale))
-    resized = F.interpolate(image[None], size=(new_height, new_width), mode="bilinear", align_corners=False)[0]
+    new_height, new_width = max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+    if (new_height, new_width) == (height, width):
+        resized = image.float()
+    else:
+        resized = resize_bilinear_cv2(image, (new_height, new_width))
     scale_factor = torch.tensor([new_width / width, new_height / height], dtype=torch.float32)
-    return resized, boxes * scale_factor.repeat(2), scale_factor
+    boxes = boxes * scale_factor.repeat(2)
+    limits = torch.tensor([new_width, new_height], dtype=boxes.dtype).repeat(2)
+    return resized, torch.minimum(boxes.clamp(min=0), limits), scale_factor
 
 
 def hflip(image: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mirror a (C, H, W) image and its (N, 4) xyxy boxes left-right: x -> W - x, so x1' = W - x2, x2' = W - x1."""
+    """Mirror a (C, H, W) image and its (N, 4) xyxy boxes left-right: x -> W - x, so x1' = W - x2, x2' = W - x1 with W
+    the image's width (pixel edges, no -1: mmdetection's `HorizontalBoxes.flip_`)."""
     width = image.shape[-1]
     flipped = boxes.clone()
     flipped[:, 0] = width - boxes[:, 2]
@@ -82,7 +95,8 @@ class DetectionTorchDataset(Dataset):
       (N,) bool, ``image_id`` int64 scalar, ``orig_size`` (2,) int64 ``[H, W]`` of the decoded image, and
       ``scale_factor`` (2,) float32 ``[sx, sy]`` from the original to the returned frame (ones without resize).
 
-    In training (``train=True``) the image is flipped left-right with probability `flip_prob`, and with
+    In training (``train=True``) the image is flipped left-right with probability `flip_prob` (after the resize, when
+    the dataset resizes; see the module docstring), and with
     `multiscale_short_sides` each sample draws its short side from that list (only meaningful with ``resize=True``).
     Call `set_epoch` at the start of each epoch so augmentation differs between epochs.
 

@@ -90,3 +90,14 @@ def valid_anchor_flags(
     valid_x = torch.arange(w, device=device) < valid_w
     valid = valid_y[:, None] & valid_x[None, :]
     return valid[:, :, None].expand(h, w, num_anchors).reshape(-1)
+
+
+def inside_anchor_flags(anchors: Tensor, image_size: tuple[int, int], allowed_border: float = 0.0) -> Tensor:
+    """(N,) bool: anchors (N, 4) lying inside the image (h, w) = `image_size`, up to `allowed_border` pixels:
+    x1 >= -b, y1 >= -b, x2 < w + b, y2 < h + b (strict on the right and bottom, as mmdetection's
+    `anchor_inside_flags`). A negative `allowed_border` keeps every anchor."""
+    if allowed_border < 0:
+        return torch.ones(anchors.shape[0], dtype=torch.bool, device=anchors.device)
+    h, w = image_size
+    b = allowed_border
+    return (anchors[:, 0] >= -b) & (anchors[:, 1] >= -b) & (anchors[:, 2] < w + b) & (anchors[:, 3] < h + b)

@@ -1,8 +1,10 @@
-"""ResNet / ResNeXt backbone from torchvision with frozen batch norm; returns C2..C5.
+"""ResNet / ResNeXt backbone from torchvision with frozen batch-norm statistics; returns C2..C5.
 
 Parameter names are torchvision's (`conv1`, `bn1`, `layer{1..4}.{i}.conv{1,2,3}`, `...downsample.{0,1}`), which are
-also mmdetection's. Batch norm is always frozen (running statistics and affine as buffers), as in every peer's
-detection training at small per-GPU batch sizes.
+also mmdetection's. Batch norm always normalises with its running statistics, which never change (every peer's
+detection training at small per-GPU batch sizes). Its affine weight and bias are trained in the stages that are not
+frozen (`norm_trainable=True`, mmdetection's `norm_cfg.requires_grad=True` with `norm_eval=True`), or frozen with the
+statistics (`norm_trainable=False`, detectron2's FrozenBN). The state_dict keys are the same either way.
 """
 
 from __future__ import annotations
@@ -26,6 +28,23 @@ class TFSamePool(nn.Module):
         return F.max_pool2d(x, 3, 2)
 
 
+class FrozenStatsBatchNorm2d(FrozenBatchNorm2d):
+    """Batch norm with fixed running statistics (eval-mode normalisation in training too) and a trainable affine
+    weight and bias: mmdetection's `BatchNorm2d` with `norm_eval=True`, `requires_grad=True`. A FrozenBatchNorm2d
+    with `weight` and `bias` as parameters, so whatever folds or calibrates frozen batch norm handles it alike.
+
+    Its forward is FrozenBatchNorm2d's, x * scale + shift, not torch's eval-mode `batch_norm`: both agree with
+    mmdetection within float rounding (the training reference's gradients and losses, measured), and this one's
+    gradients do not depend on how images are split into batches (gradient accumulation matches a large batch)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__(num_features, eps)
+        weight, bias = self.weight, self.bias
+        del self.weight, self.bias  # buffers of FrozenBatchNorm2d
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(bias)
+
+
 class ResNetBackbone(nn.Module):
     out_channels = (256, 512, 1024, 2048)
     strides = (4, 8, 16, 32)
@@ -39,14 +58,16 @@ class ResNetBackbone(nn.Module):
         bn_eps: float = 1e-5,
         stride_in_1x1: bool = False,
         stem_pool: str = "pad1",
+        norm_trainable: bool = True,
     ) -> None:
         super().__init__()
+        norm = FrozenStatsBatchNorm2d if norm_trainable else FrozenBatchNorm2d
         net = ResNet(
             Bottleneck,
             LAYERS[depth],
             groups=groups,
             width_per_group=width_per_group,
-            norm_layer=lambda c: FrozenBatchNorm2d(c, eps=bn_eps),
+            norm_layer=lambda c: norm(c, eps=bn_eps),
         )
         self.conv1, self.bn1, self.relu = net.conv1, net.bn1, net.relu
         self.maxpool = TFSamePool() if stem_pool == "tf_same" else net.maxpool
@@ -55,7 +76,7 @@ class ResNetBackbone(nn.Module):
             # MSRA/detectron2 blocks downsample in the first 1x1 conv instead of the 3x3 conv.
             for layer in (self.layer2, self.layer3, self.layer4):
                 layer[0].conv1.stride, layer[0].conv2.stride = (2, 2), (1, 1)
-        frozen = [self.conv1] + [self.layer1, self.layer2, self.layer3, self.layer4][:frozen_stages]
+        frozen = [self.conv1, self.bn1] + [self.layer1, self.layer2, self.layer3, self.layer4][:frozen_stages]
         for module in frozen if frozen_stages >= 0 else []:
             for p in module.parameters():
                 p.requires_grad_(False)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cascade_rcnn.modeling.box_coder import BoxCoder
-from cascade_rcnn.modeling.matcher import BACKGROUND, Matcher, sample_indices, sampling_generator
+from cascade_rcnn.modeling.matcher import Matcher, sample_indices, sampling_generator, training_gt
 from cascade_rcnn.modeling.roi_align import MultiScaleRoIAlign
 
 
@@ -170,41 +170,57 @@ class CascadeROIHeads(nn.Module):
         losses: dict[str, Tensor] = {}
         proposals = [p.detach() for p in proposals]
         for stage in range(self.num_stages):
-            rois, labels, reg_targets, is_gt = self.sample_stage(stage, proposals, targets)
+            rois, labels, reg_targets, is_gt = self.sample_stage(stage, proposals, targets, image_sizes)
             logits, deltas = self.run_stage(stage, features, rois)
             weight = self.stage_loss_weights[stage]
             loss_cls, loss_box = self.stage_losses(logits, deltas, labels, reg_targets)
             losses[f"loss_cls_stage{stage}"] = weight * loss_cls
             losses[f"loss_box_stage{stage}"] = weight * loss_box
             if stage < self.num_stages - 1:
-                with torch.no_grad():
-                    refined = self.decode_stage(stage, rois, logits.detach(), deltas.detach(), sizes, labels)
-                    keep = ~is_gt
-                    batch_idx = rois[keep, 0].long()
-                    proposals = [refined[keep][batch_idx == i] for i in range(len(proposals))]
+                proposals = self.refine_proposals(stage, rois, logits, deltas, labels, is_gt, sizes)
         return losses
 
+    def refine_proposals(
+        self, stage: int, rois: Tensor, logits: Tensor, deltas: Tensor, labels: Tensor, is_gt: Tensor, sizes: Tensor
+    ) -> list[Tensor]:
+        """The next stage's proposals per image: this stage's boxes for its sampled `rois` (N, 5), clipped to each
+        image (`sizes` (B, 2)), without the rows that were added ground truth (`is_gt` (N,)), in RoI order. Detached:
+        the next stage's targets depend on these boxes, and no gradient may reach this stage's regression through
+        them (mmdetection refines under no_grad)."""
+        with torch.no_grad():
+            refined = self.decode_stage(stage, rois, logits.detach(), deltas.detach(), sizes, labels)
+            keep = ~is_gt
+            batch_idx = rois[keep, 0].long()
+            return [refined[keep][batch_idx == i] for i in range(sizes.shape[0])]
+
     def sample_stage(
-        self, stage: int, proposals: list[Tensor], targets: list[dict[str, Tensor]]
+        self,
+        stage: int,
+        proposals: list[Tensor],
+        targets: list[dict[str, Tensor]],
+        image_sizes: list[tuple[int, int]],
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Match and sample one stage's training RoIs.
+        """Match and sample one stage's training RoIs (mmdetection `MaxIoUAssigner` + `RandomSampler`).
+
+        The proposals of image i are matched at this stage's IoU; then (with add_gt_as_proposals) its gt boxes are
+        put in front of them as positives of their own gt. Per image, the sampled positives then the negatives, each
+        in ascending index order into [gt; proposals] when all are taken; images in batch order. Crowd and empty gt
+        boxes are left out, the others clipped to the image (h, w) of `image_sizes` (`training_gt`).
 
         Returns rois (S, 5), labels (S,) (num_classes = background), regression targets (S, 4) (zeros for
         negatives) and is_gt (S,) bool (the RoI is a ground-truth box added as a proposal).
         """
         coder, matcher = self.box_coders[stage], self.matchers[stage]
         rois, labels, reg_targets, is_gt = [], [], [], []
-        for i, (boxes, target) in enumerate(zip(proposals, targets)):
-            gt_boxes, gt_labels = target["boxes"], target["labels"]
-            crowd = target.get("iscrowd")
-            crowd = torch.zeros_like(gt_labels, dtype=torch.bool) if crowd is None else crowd.bool()
+        for i, (boxes, target, size) in enumerate(zip(proposals, targets, image_sizes)):
+            gt_boxes, gt_labels, crowd_boxes = training_gt(target, size, warn=False)  # the RPN has warned
+            matches = matcher(gt_boxes, boxes, crowd_boxes)
             num_added = 0
             if self.add_gt_as_proposals:
-                # Ground truth goes first, so that sampled positives with index < num_added are the added gts.
-                added = gt_boxes[~crowd]
-                boxes = torch.cat([added, boxes])
-                num_added = added.shape[0]
-            matches = matcher(gt_boxes, boxes, crowd)
+                # Ground truth goes first, each gt a positive of itself (not of whichever equal box matches first).
+                num_added = gt_boxes.shape[0]
+                boxes = torch.cat([gt_boxes.to(boxes.dtype), boxes])
+                matches = torch.cat([torch.arange(num_added, device=matches.device), matches])
             pos, neg = sample_indices(
                 matches, self.batch_size_per_image, self.positive_fraction, sampling_generator(target, stage + 1)
             )

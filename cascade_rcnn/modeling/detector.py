@@ -112,7 +112,8 @@ def build_model(cfg: ModelConfig) -> CascadeRCNN:
     """Build the detector described by `cfg` (untrained heads; backbone weights as initialised by torchvision)."""
     b, a, r, c = cfg.backbone, cfg.anchors, cfg.rpn, cfg.cascade
     backbone = ResNetBackbone(
-        b.depth, b.groups, b.width_per_group, b.frozen_stages, b.bn_eps, b.stride_in_1x1, b.stem_pool
+        b.depth, b.groups, b.width_per_group, b.frozen_stages, b.bn_eps, b.stride_in_1x1, b.stem_pool,
+        norm_trainable=b.norm_trainable,
     )
     fpn = FPN(backbone.out_channels, cfg.fpn.out_channels)
     anchor_generator = AnchorGenerator(a.strides, a.scales, a.ratios, a.center_offset, a.legacy_v1)
@@ -121,7 +122,7 @@ def build_model(cfg: ModelConfig) -> CascadeRCNN:
         anchor_generator,
         RPNHead(cfg.fpn.out_channels, anchor_generator.num_anchors_per_location),
         BoxCoder((1.0, 1.0, 1.0, 1.0), coder.scale_clamp, coder.plus_one, coder.clip_offset, coder.clamp_below),
-        Matcher(r.fg_iou_thresh, r.bg_iou_thresh, r.low_quality_min_iou),
+        Matcher(r.fg_iou_thresh, r.bg_iou_thresh, r.low_quality_min_iou, ignore_iof_thresh=r.ignore_iof_thresh),
         r.batch_size_per_image,
         r.positive_fraction,
         {"train": r.pre_nms_top_n_train, "test": r.pre_nms_top_n_test},
@@ -154,7 +155,7 @@ def build_model(cfg: ModelConfig) -> CascadeRCNN:
             for stds in c.stage_stds
         ],
         # Later stages take no low-quality matches: a stage's positives must really reach its IoU.
-        [Matcher(iou, iou) for iou in c.stage_ious],
+        [Matcher(iou, iou, ignore_iof_thresh=c.ignore_iof_thresh) for iou in c.stage_ious],
         cfg.num_classes,
         c.batch_size_per_image,
         c.positive_fraction,

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cascade_rcnn.modeling.anchors import AnchorGenerator, valid_anchor_flags
+from cascade_rcnn.modeling.anchors import AnchorGenerator, inside_anchor_flags, valid_anchor_flags
 from cascade_rcnn.modeling.box_coder import BoxCoder, clip_boxes
-from cascade_rcnn.modeling.matcher import IGNORE, Matcher, sample_indices, sampling_generator
+from cascade_rcnn.modeling.matcher import Matcher, sample_indices, sampling_generator, training_gt
 from cascade_rcnn.modeling.postprocess import batched_nms
 
 
@@ -134,31 +134,21 @@ class RegionProposalNetwork(nn.Module):
         image_sizes: list[tuple[int, int]],
         targets: list[dict[str, Tensor]],
     ) -> dict[str, Tensor]:
-        """Sigmoid BCE on sampled anchors and smooth-L1 on positives, both averaged over all sampled anchors."""
+        """Sigmoid BCE on the sampled anchors and smooth-L1 on the positives' deltas, both divided by the batch's
+        number of sampled anchors, sum over images of max(#pos, 1) + max(#neg, 1) (mmdetection's avg_factor: the
+        regression loss too is divided by positives *and* negatives)."""
         all_anchors = torch.cat(anchors)
         all_logits = torch.cat(logits, dim=1)
         all_deltas = torch.cat(deltas, dim=1)
-        num_anchors = self.anchor_generator.num_anchors_per_location
         sampled_logits, sampled_labels, pos_deltas, pos_targets = [], [], [], []
-        for i, (target, size) in enumerate(zip(targets, image_sizes)):
-            padded = tuple(-(-s // 32) * 32 for s in size)
-            valid = torch.cat(
-                [
-                    valid_anchor_flags(fs, padded, stride, num_anchors, all_anchors.device)
-                    for fs, stride in zip(feature_sizes, self.anchor_generator.strides)
-                ]
-            )
-            matches = self.matcher(target["boxes"], all_anchors, target.get("iscrowd"))
-            matches = torch.where(valid, matches, torch.full_like(matches, IGNORE))
-            pos, neg = sample_indices(
-                matches, self.batch_size_per_image, self.positive_fraction, sampling_generator(target, 0)
-            )
-            idx = torch.cat([pos, neg])
-            sampled_logits.append(all_logits[i, idx])
-            sampled_labels.append(torch.cat([torch.ones_like(pos), torch.zeros_like(neg)]).float())
+        num_samples = 0
+        samples = self.sample_anchors(all_anchors, feature_sizes, image_sizes, targets)
+        for i, (pos, neg, matched_gt) in enumerate(samples):
+            sampled_logits.append(all_logits[i, torch.cat([pos, neg])])
+            sampled_labels.append(torch.cat([torch.ones_like(pos), torch.zeros_like(neg)]).to(all_logits.dtype))
             pos_deltas.append(all_deltas[i, pos])
-            pos_targets.append(self.box_coder.encode(target["boxes"][matches[pos]], all_anchors[pos]))
-        num_samples = max(sum(x.numel() for x in sampled_labels), 1)
+            pos_targets.append(self.box_coder.encode(matched_gt, all_anchors[pos]))
+            num_samples += max(pos.numel(), 1) + max(neg.numel(), 1)
         loss_cls = F.binary_cross_entropy_with_logits(
             torch.cat(sampled_logits), torch.cat(sampled_labels), reduction="sum"
         )
@@ -166,3 +156,36 @@ class RegionProposalNetwork(nn.Module):
             torch.cat(pos_deltas), torch.cat(pos_targets), beta=self.smooth_l1_beta, reduction="sum"
         )
         return {"loss_rpn_cls": loss_cls / num_samples, "loss_rpn_box": self.loss_box_weight * loss_box / num_samples}
+
+    def sample_anchors(
+        self,
+        anchors: Tensor,
+        feature_sizes: list[tuple[int, int]],
+        image_sizes: list[tuple[int, int]],
+        targets: list[dict[str, Tensor]],
+    ) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """Per image: (positive anchor indices (P,), negative anchor indices (M,), the gt box of each positive (P, 4)),
+        indices into `anchors` (N, 4), all levels concatenated (mmdetection `RPNHead.get_targets`).
+
+        Only anchors that may train are matched: those over the image's own padded area (its size rounded up to a
+        multiple of 32, not the batch's), and lying inside the image itself (allowed_border 0, strict at the right and
+        bottom). The low-quality matches are chosen among these anchors only. RPN matching is class-free.
+        """
+        num_anchors = self.anchor_generator.num_anchors_per_location
+        samples = []
+        for target, size in zip(targets, image_sizes):
+            padded = tuple(-(-s // 32) * 32 for s in size)
+            valid = torch.cat(
+                [
+                    valid_anchor_flags(fs, padded, stride, num_anchors, anchors.device)
+                    for fs, stride in zip(feature_sizes, self.anchor_generator.strides)
+                ]
+            )
+            inside = torch.nonzero(valid & inside_anchor_flags(anchors, size)).squeeze(1)
+            gt_boxes, _, crowd_boxes = training_gt(target, size)
+            matches = self.matcher(gt_boxes, anchors[inside], crowd_boxes)
+            pos, neg = sample_indices(
+                matches, self.batch_size_per_image, self.positive_fraction, sampling_generator(target, 0)
+            )
+            samples.append((inside[pos], inside[neg], gt_boxes[matches[pos]]))
+        return samples
