@@ -19,9 +19,14 @@ from torch import Tensor
 from cascade_rcnn.config import ModelConfig, get_preset
 from cascade_rcnn.data.image_io import load_image, to_rgb
 from cascade_rcnn.errors import CascadeRCNNError, CheckpointError
+from cascade_rcnn.io.weights import (
+    LoadReport,
+    build_loaded_model,
+    load_checkpoint,
+    save_weights,
+)
 from cascade_rcnn.modeling.detector import CascadeRCNN, build_model
 from cascade_rcnn.structures import Detections
-from cascade_rcnn.io.weights import LoadReport, build_loaded_model, load_checkpoint, save_weights
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray, Tensor]
 
@@ -59,7 +64,10 @@ class Detector:
         """The model `predict` runs: `self.model`, or its optimised copy, rebuilt when `self.model`'s weights change."""
         if not (self.optimize or self.bf16):
             return self.model
-        from cascade_rcnn.deploy.optimize import optimize_for_inference, parameter_versions
+        from cascade_rcnn.deploy.optimize import (
+            optimize_for_inference,
+            parameter_versions,
+        )
 
         key = (self.bf16, parameter_versions(self.model))
         if self._inference is None or self._inference[0] != key:
@@ -139,13 +147,9 @@ class Detector:
 
     def _group_by_padded_size(self, tensors: list[Tensor]) -> list[list[int]]:
         transform = self.model.transform
-        if transform.pad_to is not None:  # a fixed canvas: every image has the same padded size
-            return [list(range(len(tensors)))]
         groups: dict[tuple[int, int], list[int]] = {}
         for i, t in enumerate(tensors):
-            h, w = transform.resized_size(*t.shape[-2:])
-            d = transform.size_divisible
-            groups.setdefault((-(-h // d) * d, -(-w // d) * d), []).append(i)
+            groups.setdefault(transform.padded_size(*t.shape[-2:]), []).append(i)
         return list(groups.values())
 
 

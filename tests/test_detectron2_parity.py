@@ -43,11 +43,13 @@ from cascade_rcnn.config import get_preset
 from cascade_rcnn.data.image_io import load_image
 from cascade_rcnn.io.detectron2 import PRESET
 from cascade_rcnn.modeling.detector import build_model
+from cascade_rcnn.modeling.detector import rois_to_proposals
 from cascade_rcnn.modeling.postprocess import multiclass_nms
 from cascade_rcnn.modeling.roi_align import MultiScaleRoIAlign
 from cascade_rcnn.modeling.transform import (
     ImageBatch,
-    Transform,
+    KeepRatioResize,
+    ShortestEdgeResize,
     resize_bilinear_cv2,
     resize_bilinear_pil,
 )
@@ -226,7 +228,7 @@ def test_rpn_logits_and_proposals(detector, network, records, i):
     rpn = detector.model.rpn
     with torch.inference_mode():
         logits, deltas = rpn.head(run.pyramid)
-        proposals, scores, _ = rpn(run.pyramid, run.batch.image_sizes)
+        rois, scores, _ = rpn(run.pyramid, run.batch.image_sizes)
     worst: float | None = None  # only image 0 has dense RPN records
     for level, (lvl_logits, lvl_deltas, p) in enumerate(zip(logits, deltas, run.pyramid)):
         if f"rpn_logits_l{level}" not in record:
@@ -242,7 +244,7 @@ def test_rpn_logits_and_proposals(detector, network, records, i):
         own_topk = set(lvl_logits[0].topk(len(idx)).indices.tolist())
         assert len(own_topk & set(idx.tolist())) >= MIN_PROPOSAL_MATCH * len(idx), f"top-k of level {level}"
     # Proposals: the same boxes, up to the order of near-tied logits. detectron2 ranks by raw logits, as the preset.
-    boxes, logit = proposals[0].numpy(), scores[0].numpy()
+    boxes, logit = rois[:, 1:].numpy(), scores.numpy()
     ref_boxes = record["proposal_boxes"]
     assert len(boxes) == len(ref_boxes)
     matched, worst_box = match_boxes(boxes, ref_boxes)
@@ -282,9 +284,9 @@ def test_detections_from_recorded_input(detector, network, records, i):
     record, run = records[i], network(i)
     model = detector.model
     with torch.inference_mode():
-        proposals, _, _ = model.rpn(run.pyramid, run.batch.image_sizes)
+        proposals = rois_to_proposals(model.rpn(run.pyramid, run.batch.image_sizes)[0], 1)
         candidates = model.roi_heads.predict(run.pyramid, proposals, run.batch.image_sizes)[0]
-        det = model.detect(candidates["boxes"], candidates["scores"], run.batch.scale_factors[0],
+        det = model.postprocess_image(candidates["boxes"], candidates["scores"], run.batch.scale_factors[0],
                            run.batch.original_sizes[0])
     rate = _report_detections(f"image {i} (recorded input)", det, record)
     assert rate >= MIN_DETECTION_MATCH
@@ -333,7 +335,7 @@ def test_post_processing_on_recorded_tensors(detector, records, i):
     logits = [t[f"stage{s}_cls_logits"] for s in range(3)]
     for s in range(3):
         np.testing.assert_array_max_ulp(F.softmax(logits[s], dim=1).numpy(), record[f"stage{s}_probs"], maxulp=8)
-    scores = combine_stage_scores(logits, heads.score_ensemble)
+    scores = heads.score_ensemble(logits)
     np.testing.assert_array_max_ulp(scores.numpy(), record["prenms_scores"], maxulp=8)
     # Final boxes: stage-2 deltas on stage-2 boxes with weights (30, 30, 15, 15), not yet clipped.
     prenms = heads.box_coders[2].decode(t["stage2_deltas"], t["stage2_boxes"])
@@ -341,12 +343,12 @@ def test_post_processing_on_recorded_tensors(detector, records, i):
     # NMS in the resized frame (fast_rcnn_inference), then detector_postprocess: bit for bit from the recorded inputs.
     boxes = clip_boxes(t["prenms_boxes"], size)
     fg_scores = t["prenms_scores"][:, : model.roi_heads.num_classes]
-    kept = multiclass_nms(boxes, fg_scores, model.score_thresh, model.nms_thresh, model.detections_per_image,
-                          torchvision_nms=True)
+    kept = multiclass_nms(boxes, fg_scores, model.postprocessor.score_thresh, model.postprocessor.nms_thresh,
+                          model.postprocessor.detections_per_image, kind="torchvision")
     for got, key in zip(kept, ("roi_det_boxes", "roi_det_scores", "roi_det_classes")):
         np.testing.assert_array_equal(got.numpy(), record[key], err_msg=key)
     scale = (size[1] / original[1], size[0] / original[0])
-    det = model.detect(boxes, fg_scores, scale, original)
+    det = model.postprocess_image(boxes, fg_scores, scale, original)
     for got, key in zip((det.boxes, det.scores, det.labels), ("det_boxes", "det_scores", "det_classes")):
         np.testing.assert_array_equal(got.numpy(), record[key], err_msg=key)
 
@@ -396,12 +398,12 @@ def test_mmdetection_post_processing_is_caught(records, convention):
 def test_shortest_edge_size_rule_rounds_as_detectron2():
     """3 x 62: s = 800 / 3, then the cap 1333 / (s * 62); detectron2's float order gives 64.4999..., mmcv's 64.5000...;
     ordinary sizes agree."""
-    shortest = Transform(resize_rule="shortest_edge")
-    keep_ratio = Transform(resize_rule="keep_ratio")
-    assert shortest.resized_size(3, 62) == (64, 1333)
-    assert keep_ratio.resized_size(3, 62) == (65, 1333)
+    shortest = ShortestEdgeResize(min_size=800, max_size=1333)
+    keep_ratio = KeepRatioResize(min_size=800, max_size=1333)
+    assert shortest.steps(3, 62)[0] == [(64, 1333)]
+    assert keep_ratio.steps(3, 62)[0] == [(65, 1333)]
     for h, w, expected in ((480, 640, (800, 1067)), (640, 427, (1199, 800)), (500, 1500, (444, 1333))):
-        assert shortest.resized_size(h, w) == keep_ratio.resized_size(h, w) == expected
+        assert shortest.steps(h, w)[0] == keep_ratio.steps(h, w)[0] == [expected]
 
 
 def test_pil_bilinear_resize_is_pillows_and_antialiases():
@@ -442,11 +444,11 @@ def test_rescale_after_nms_clips_to_the_original_image_and_drops_empty_boxes():
     boxes = torch.tensor([[10.0, 10.0, 50.0, 50.0], [0.0, 20.0, 0.0, 60.0], [150.0, 0.0, 200.0, 100.0]])
     scores = torch.tensor([[0.9, 0.01], [0.8, 0.01], [0.01, 0.7]])
     scale = (2.0, 2.0)  # the image was 100 x 100 and is 200 x 200 after resizing
-    det = model.detect(boxes, scores, scale, (100, 99))
+    det = model.postprocess_image(boxes, scores, scale, (100, 99))
     assert det.labels.tolist() == [0, 1]  # the empty box (x1 == x2) is gone
     torch.testing.assert_close(det.boxes, torch.tensor([[5.0, 5.0, 25.0, 25.0], [75.0, 0.0, 99.0, 50.0]]))
     mmdet = build_model(get_preset(PRESET, num_classes=2, class_names=None, **{"postprocess.rescale": "before_nms"}))
-    assert len(mmdet.detect(boxes, scores, scale, (100, 99))) == 3
+    assert len(mmdet.postprocess_image(boxes, scores, scale, (100, 99))) == 3
 
 
 # ---------------------------------------------------------------------------------------------------------------------

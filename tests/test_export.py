@@ -16,7 +16,10 @@ from cascade_rcnn.api import Detector, to_tensor_image
 from cascade_rcnn.benchmarks.calibrated_weights import calibrate_cascade
 from cascade_rcnn.cli import main
 from cascade_rcnn.errors import CascadeRCNNError
-from cascade_rcnn.deploy.onnx_export import INPUT_NAMES, OUTPUT_NAMES, DetectorGraph, ExportError, export_onnx
+from cascade_rcnn.deploy.onnx_export import INPUT_NAMES, OUTPUT_NAMES, DetectorGraph, export_onnx
+from cascade_rcnn.config import PRESETS
+from cascade_rcnn.modeling.postprocess import PostProcessor
+from cascade_rcnn.modeling.transform import KeepRatioResize
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -128,7 +131,8 @@ def test_dynamic_batch_and_size_equal_eager_graph(agnostic: tuple[Detector, Path
     det, onnx_path = agnostic
     model = det.inference_model
     images = [to_tensor_image(VAL / name) for name in ("000000000724.jpg", "000000000776.jpg", "000000000802.jpg")]
-    model.transform.min_size, model.transform.max_size = 256, 400
+    own_rule = model.transform.resize_rule
+    model.transform.resize_rule = KeepRatioResize(min_size=256, max_size=400)
     try:
         batch, _ = model.transform(images)
         with torch.inference_mode():
@@ -137,7 +141,7 @@ def test_dynamic_batch_and_size_equal_eager_graph(agnostic: tuple[Detector, Path
                 batch.tensor, torch.tensor(batch.image_sizes), torch.tensor(batch.scale_factors, dtype=torch.float64)
             )
     finally:
-        model.transform.min_size, model.transform.max_size = 320, 512
+        model.transform.resize_rule = own_rule
     assert batch.tensor.shape[0] == 3 and batch.tensor.shape[-2:] != (320, 448)
     for i, ref in enumerate(expected):
         assert torch.equal(ref.boxes, boxes[image == i]) and torch.equal(ref.scores, scores[image == i])
@@ -168,11 +172,12 @@ def test_class_specific_heads(tmp_path: Path) -> None:
     assert_same_detections(det.predict(paths), OnnxDetector(path).predict(paths))
 
 
-def test_unsupported_settings_are_named(tmp_path: Path) -> None:
-    det = Detector(**SMALL)  # every config value exports; a model changed by hand is checked all the same
-    det.model.class_nms, det.model.rescale = "unknown", "later"
-    with pytest.raises(ExportError, match="class_nms='unknown'.*rescale='later'"):
-        export_onnx(det.model, tmp_path / "x.onnx")
+def test_unknown_postprocessing_settings_are_named() -> None:
+    # Every config value exports; a post-processor with an unknown rule is refused where it is built.
+    with pytest.raises(ValueError, match="class_nms 'unknown'"):
+        PostProcessor(class_nms="unknown")
+    with pytest.raises(ValueError, match="rescale 'later'"):
+        PostProcessor(rescale="later")
 
 
 @needs_coco128
@@ -203,3 +208,39 @@ def test_predict_command_with_onnxruntime_backend(agnostic: tuple[Detector, Path
     assert len(written) == len(expected) > 0
     assert sorted(round(d["score"], 3) for d in written) == sorted(round(float(s), 3) for s in expected.scores)
 
+
+# The seed's fixed canvas, shrunk with the images (the rest of its conventions as they are).
+PRESET_OVERRIDES = {"cascade_rcnn_r101_fpn_mindspore": {"transform.pad_to": (320, 512)}}
+# Float32 rounding differs between the paths (folded batch norm and channels-last oneDNN convolutions in the optimised
+# copy, MLAS in ONNX Runtime), and random 101-layer networks amplify it more than the R50 of the tests above:
+# measured on this image, boxes within 0.032 px and scores within 4e-4 (test_fast's plain-vs-optimised tolerance,
+# 5e-2 px and 5e-4, holds). detectron2's torchvision NMS may swap one detection at the top-100 cut (as in its parity
+# tests); the seed's float16 rounding of each stage's boxes turns a 1e-4 px difference into a 0.25-0.5 px step for a
+# few boxes (its reference test allows 3 of 128). A step implemented twice would differ by whole detections.
+TOLERANCE = {"unmatched": 0, "box": 5e-2, "score": 5e-4}
+PEER_TOLERANCE = {
+    "cascade_rcnn_r50_fpn_detectron2": {"unmatched": 1, "box": 5e-2, "score": 5e-4},
+    "cascade_rcnn_r101_fpn_mindspore": {"unmatched": 3, "box": 0.5, "score": 1e-2},
+}
+
+
+@needs_coco128
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_eager_optimised_and_onnxruntime_agree_on_every_preset(preset: str, tmp_path: Path) -> None:
+    """One forward for every path: the plain model, its optimised inference copy and the ONNX graph (both of which
+    run `CascadeRCNN.detect`, with modules swapped or traced) give the same detections, on every preset."""
+    from cascade_rcnn.deploy.backends import OnnxDetector
+
+    det = calibrated_detector(preset=preset, **PRESET_OVERRIDES.get(preset, {}))
+    paths = [VAL / "000000000632.jpg"]
+    optimised = det.predict(paths)
+    det.optimize = False
+    plain = det.predict(paths)
+    path = export_onnx(det.model, tmp_path / "model.onnx", config=det.config, preset=preset)
+    onnx = OnnxDetector(path).predict(paths)
+    tolerance = PEER_TOLERANCE.get(preset, TOLERANCE)
+    assert len(plain[0]) >= 50 and len(set(plain[0].labels.tolist())) >= 10
+    for name, other in (("optimised", optimised[0]), ("onnxruntime", onnx[0])):
+        m = match(plain[0], other)
+        assert m["unmatched"] <= tolerance["unmatched"], (name, m)
+        assert m["box"] <= tolerance["box"] and m["score"] <= tolerance["score"], (name, m)

@@ -52,7 +52,8 @@ from cascade_rcnn.api import Detector
 from cascade_rcnn.cli import main
 from cascade_rcnn.evaluation.coco import COCO_CATEGORY_IDS, detections_to_coco
 from cascade_rcnn.io.mindspore import PRESET
-from cascade_rcnn.modeling.detector import CascadeRCNN
+from cascade_rcnn.modeling.cascade_heads import REFINE_RULES
+from cascade_rcnn.modeling.detector import CascadeRCNN, rois_to_proposals
 from cascade_rcnn.modeling.transform import ImageBatch
 
 INPUT_ATOL = 1e-5
@@ -131,7 +132,7 @@ def run_image(model: CascadeRCNN, ref: dict[str, np.ndarray]) -> ImageRun:
     tensor = batch.tensor[0].double()
     backbone = model.backbone(batch.tensor)
     features = model.fpn(backbone)
-    proposals, _, _ = model.rpn(features, batch.image_sizes)
+    proposals = rois_to_proposals(model.rpn(features, batch.image_sizes)[0], 1)
     run = ImageRun(
         ref=ref,
         batch=batch,
@@ -157,9 +158,9 @@ def run_image(model: CascadeRCNN, ref: dict[str, np.ndarray]) -> ImageRun:
             boxes = heads.box_coders[stage].decode(deltas, rois[:, 1:], sizes[rois[:, 0].long()])[:, : 4 * NUM_CLASSES]
             run.candidate_scores = scores
             run.candidate_boxes = model.transform.to_original(boxes, batch.scale_factors[0]).view(-1, NUM_CLASSES, 4)
-            run.detections = model.detect(boxes, scores, batch.scale_factors[0], batch.original_sizes[0])
+            run.detections = model.postprocess_image(boxes, scores, batch.scale_factors[0], batch.original_sizes[0])
     candidates = heads.predict(features, proposals, batch.image_sizes)[0]
-    run.own_detections = model.detect(
+    run.own_detections = model.postprocess_image(
         candidates["boxes"], candidates["scores"], batch.scale_factors[0], batch.original_sizes[0]
     )
     return run
@@ -391,7 +392,7 @@ def shifted_stem_error(detector: Detector, run: ImageRun, monkeypatch: pytest.Mo
 
 
 def swapped_channels_error(detector: Detector, run: ImageRun, monkeypatch: pytest.MonkeyPatch) -> float:
-    monkeypatch.setattr(detector.model.transform, "channel_order", "bgr")
+    monkeypatch.setattr(detector.model.transform, "channels", [2, 1, 0])  # channel_order="bgr"
     bgr = run.ref["resized_bgr_uint8"]
     image = torch.from_numpy(np.ascontiguousarray(bgr[:, :, ::-1])).permute(2, 0, 1).float()
     batch = detector.model.transform.batch([image], run.batch.original_sizes, [run.batch.scale_factors[0][0]])
@@ -400,7 +401,7 @@ def swapped_channels_error(detector: Detector, run: ImageRun, monkeypatch: pytes
 
 
 def pad_after_normalize_error(detector: Detector, run: ImageRun, monkeypatch: pytest.MonkeyPatch) -> float:
-    monkeypatch.setattr(detector.model.transform, "pad_before_normalize", False)
+    monkeypatch.setattr(detector.model.transform.canvas, "pad_before_normalize", False)
     bgr = run.ref["resized_bgr_uint8"]
     image = torch.from_numpy(np.ascontiguousarray(bgr[:, :, ::-1])).permute(2, 0, 1).float()
     batch = detector.model.transform.batch([image], run.batch.original_sizes, [run.batch.scale_factors[0][0]])
@@ -427,7 +428,7 @@ def no_float16_rounding_error(detector: Detector, run: ImageRun, monkeypatch: py
 
 
 def foreground_refinement_error(detector: Detector, run: ImageRun, monkeypatch: pytest.MonkeyPatch) -> float:
-    monkeypatch.setattr(detector.model.roi_heads, "refine_class", "label")  # argmax over foreground only (mmdet)
+    monkeypatch.setattr(detector.model.roi_heads, "refine_class", REFINE_RULES["label"])  # foreground argmax (mmdet)
     return refined_error(detector, run)
 
 

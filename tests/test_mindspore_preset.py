@@ -16,7 +16,7 @@ import torch
 
 from cascade_rcnn.modeling.anchors import base_anchors
 from cascade_rcnn.modeling.box_coder import BoxCoder
-from cascade_rcnn.modeling.cascade_heads import BoxHead, CascadeROIHeads
+from cascade_rcnn.modeling.cascade_heads import REFINE_RULES, BoxHead, CascadeROIHeads
 from cascade_rcnn.config import get_preset
 from cascade_rcnn.errors import CheckpointError, ConfigError
 from cascade_rcnn.evaluation.coco import detections_to_coco
@@ -25,6 +25,7 @@ from cascade_rcnn.io.mindspore_ckpt import write_mindspore_ckpt
 from cascade_rcnn.modeling.matcher import Matcher
 from cascade_rcnn.modeling.postprocess import multiclass_nms
 from cascade_rcnn.modeling.roi_align import MultiScaleRoIAlign
+from cascade_rcnn.modeling.detector import build_transform
 from cascade_rcnn.modeling.transform import Transform
 from cascade_rcnn.io.torch_checkpoint import sniff_checkpoint_format
 from cascade_rcnn.io.weights import load_checkpoint
@@ -34,11 +35,7 @@ from cascade_rcnn.io.weights import load_checkpoint
 
 
 def seed_transform() -> Transform:
-    t = get_preset(PRESET).transform
-    return Transform(
-        t.min_size, t.max_size, t.pixel_mean, t.pixel_std, t.channel_order, t.size_divisible,
-        t.second_rescale, t.pad_to, t.pad_before_normalize, t.box_scale, t.clip_to,
-    )  # fmt: skip
+    return build_transform(get_preset(PRESET))
 
 
 # The reference images' (h, w), the size after the seed's rescale(s) and its scale (reference README table).
@@ -65,7 +62,7 @@ def test_rescale_matches_the_seed(size: tuple[int, int], resized: tuple[int, int
 
 def test_without_second_rescale_a_portrait_image_overflows_the_canvas() -> None:
     transform = seed_transform()
-    transform.second_rescale = False
+    transform.resize_rule = transform.resize_rule.first  # the keep-ratio rule alone
     assert transform.resized_size(640, 586) == (839, 768)
     with pytest.raises(ValueError, match="fixed canvas"):
         transform.batch([torch.zeros(3, 839, 768)], [(640, 586)])
@@ -82,7 +79,7 @@ def test_padding_before_normalisation_fills_the_canvas_with_minus_mean_over_std(
     torch.testing.assert_close(batch.tensor[0, :, 0, 1000], -mean / std)  # right of the image
     assert batch.image_sizes == [(768, 1280)]  # clip_to="canvas"
     assert batch.scale_factors == [(2.0, 2.0)]  # box_scale="scalar"
-    transform.pad_before_normalize, transform.clip_to = False, "image"
+    transform.canvas.pad_before_normalize, transform.canvas.clip_to_canvas = False, False
     batch = transform.batch([image], [(350, 500)], [2.0])
     assert batch.tensor[0, :, 700:, :].abs().max() == 0
     assert batch.image_sizes == [(700, 1000)]
@@ -211,7 +208,7 @@ def seed_heads(num_classes: int = 3) -> CascadeROIHeads:
         [BoxCoder(stds, b.scale_clamp, b.plus_one, b.clip_offset) for stds in c.stage_stds],
         [Matcher(iou, iou) for iou in c.stage_ious],
         num_classes,
-        refine_class=c.refine_class,
+        refine_class=REFINE_RULES[c.refine_class],
         refine_box_dtype=getattr(torch, c.refine_box_dtype),
     )
 
@@ -246,7 +243,7 @@ def test_per_class_nms_equals_the_offset_trick() -> None:
     boxes = torch.cat([xy, xy + 20 + torch.rand(300, 2, generator=g) * 40], dim=1).repeat(1, 4)
     scores = torch.rand(300, 4, generator=g)
     offset = multiclass_nms(boxes, scores, 0.05, 0.5, 1000)
-    per_class = multiclass_nms(boxes, scores, 0.05, 0.5, 1000, per_class=True)
+    per_class = multiclass_nms(boxes, scores, 0.05, 0.5, 1000, kind="per_class")
     for a, b in zip(offset, per_class):
         torch.testing.assert_close(a, b)
 

@@ -30,8 +30,10 @@ import torch
 from torchvision.ops import box_iou
 
 from cascade_rcnn.api import Detector
+from cascade_rcnn.config import with_overrides
 from cascade_rcnn.modeling.cascade_heads import combine_stage_scores
 from cascade_rcnn.data.image_io import load_image
+from cascade_rcnn.modeling.detector import build_transform
 from cascade_rcnn.modeling.postprocess import multiclass_nms
 
 IMAGES = (
@@ -136,7 +138,7 @@ def network_runs(detector: Detector, references) -> dict[str, dict[str, Any]]:
         ref = references[name]
         batch = recorded_batch(detector, ref)
         caught: dict[str, Any] = {}
-        parts = {"backbone": model.backbone, "fpn": model.fpn, "rpn_head": model.rpn.head, "rpn": model.rpn}
+        parts = {"fpn": model.fpn, "rpn_head": model.rpn.head, "rpn": model.rpn}
         hooks = [
             module.register_forward_hook(lambda _m, _i, out, key=key, store=caught: store.__setitem__(key, out))
             for key, module in parts.items()
@@ -150,20 +152,21 @@ def network_runs(detector: Detector, references) -> dict[str, dict[str, Any]]:
         features = caught["fpn"]
         stages = []
         with torch.no_grad():
+            caught["backbone"] = model.backbone(batch.tensor)  # the flow streams C2..C5 into the FPN: no hook sees them
             for stage in range(3):
                 rois = torch.from_numpy(ref[f"stage{stage}_rois"])
                 pooled = model.roi_heads.roi_align(features, rois)
                 logits, deltas = model.roi_heads.box_heads[stage](pooled)
                 stages.append({"pooled": pooled, "logits": logits, "deltas": deltas})
-        proposals, proposal_scores, _ = caught["rpn"]
+        rois, proposal_scores, _ = caught["rpn"]
         runs[name] = {
             "batch": batch,
             "backbone": caught["backbone"],
             "fpn": features,
             "rpn_logits": caught["rpn_head"][0],
             "rpn_deltas": caught["rpn_head"][1],
-            "proposals": proposals[0],
-            "proposal_scores": proposal_scores[0],
+            "proposals": rois[:, 1:],
+            "proposal_scores": proposal_scores,
             "stages": stages,
             "detections": detections,
         }
@@ -343,8 +346,9 @@ def proposals_from_record(rpn, ref: dict[str, np.ndarray]) -> torch.Tensor:
     logits, deltas = rpn_outputs_from_record(ref)
     sizes = [tuple(int(v) for v in ref[f"rpn_cls_l{level}"].shape[1:]) for level in range(5)]
     anchors = rpn.anchor_generator(sizes)
-    boxes, _ = rpn.propose(logits, deltas, anchors, [tuple(int(v) for v in ref["img_shape"])])
-    return boxes[0]
+    sizes = torch.tensor([[float(v) for v in ref["img_shape"]]])
+    rois, _ = rpn.propose(logits, deltas, anchors, sizes)
+    return rois[:, 1:]
 
 
 def test_proposals_from_recorded_rpn_outputs(detector: Detector, references) -> None:
@@ -384,7 +388,7 @@ def prenms_from_record(model, ref: dict[str, np.ndarray]) -> tuple[torch.Tensor,
     scale_factor = tuple(float(v) for v in ref["scale_factor"])
     boxes = model.transform.to_original(boxes, scale_factor)
     logits = [torch.from_numpy(ref[f"stage{s}_cls_score"]) for s in range(3)]
-    return boxes, combine_stage_scores(logits, heads.score_ensemble)
+    return boxes, heads.score_ensemble(logits)
 
 
 @pytest.mark.parametrize("name", IMAGES)
@@ -405,7 +409,8 @@ def test_detections_from_recorded_prenms(detector: Detector, references, name: s
     boxes = torch.from_numpy(ref["prenms_bboxes"])
     scores = torch.from_numpy(ref["prenms_scores"])[:, :-1]  # background is the last column
     det_boxes, det_scores, det_labels = multiclass_nms(
-        boxes, scores, model.score_thresh, model.nms_thresh, model.detections_per_image
+        boxes, scores, model.postprocessor.score_thresh, model.postprocessor.nms_thresh,
+        model.postprocessor.detections_per_image,
     )
     assert len(det_scores) == len(ref["det_scores"])
     np.testing.assert_array_equal(det_labels.numpy(), ref["det_labels"])
@@ -453,11 +458,8 @@ def test_half_pixel_roi_align_shift_is_caught(detector: Detector, network_runs, 
 def test_input_faults_are_caught(detector: Detector, references, fault: str) -> None:
     """Feeding BGR instead of RGB, or a std of 1 (Caffe style), moves C2's channel means far beyond tol."""
     ref = references["img00_000000000139"]
-    transform = copy.copy(detector.model.transform)
-    if fault == "bgr_input":
-        transform.channel_order = "bgr"
-    else:
-        transform.pixel_std = torch.ones_like(transform.pixel_std)
+    overrides = {"transform.channel_order": "bgr"} if fault == "bgr_input" else {"transform.pixel_std": (1.0, 1.0, 1.0)}
+    transform = build_transform(with_overrides(detector.config, overrides))
     rgb = torch.from_numpy(ref["pipeline_inputs_uint8_bgr_chw"].copy()).flip(0).float()
     batch = transform.batch([rgb], [tuple(int(v) for v in ref["ori_shape"])])
     backbone = detector.model.backbone

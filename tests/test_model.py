@@ -160,3 +160,31 @@ def test_fpn_in_place_top_down_equals_upsample_and_add(size):
     grads = torch.autograd.grad(sum(o.square().sum() for o in ours), features)
     expected_grads = torch.autograd.grad(sum(o.square().sum() for o in expected), features)
     assert all((a - b).abs().max() <= 1e-5 * b.abs().max() for a, b in zip(grads, expected_grads))
+
+
+@pytest.mark.parametrize("rescale", ["before_nms", "after_nms"])
+@pytest.mark.parametrize("class_agnostic", [True, False])
+def test_no_candidate_above_the_threshold_gives_empty_detections(rescale, class_agnostic):
+    """Every stage and the ensemble with nothing left after the score threshold (both rescale rules, both head
+    kinds): empty detections of the right shapes, not an error."""
+    cfg = tiny_config(**{"postprocess.rescale": rescale, "cascade.class_agnostic": class_agnostic,
+                         "postprocess.score_thresh": 1.0})  # fmt: skip
+    model = build_model(cfg).eval()
+    det = model.predict([images()[0]], return_stages=True)[0]
+    for d in [det, *det.stages]:
+        assert d.boxes.shape == (0, 4) and d.scores.shape == (0,) and d.labels.shape == (0,)
+
+
+def test_losses_do_not_depend_on_train_or_eval_mode():
+    """`model(images, targets)` is the training computation in either mode: the RPN hands the cascade its training
+    proposal counts, and batch norm always normalises with its frozen statistics."""
+    model = build_model(tiny_config(**{"rpn.pre_nms_top_n_test": 50, "rpn.post_nms_top_n_test": 20}))
+    targets = [{"boxes": torch.tensor([[10.0, 20.0, 80.0, 90.0]]), "labels": torch.tensor([1]),
+                "sample_seed": torch.tensor(i)} for i in range(2)]  # fmt: skip
+    model.train()
+    trained = model(images(), targets)
+    model.eval()
+    evaluated = model(images(), targets)
+    assert trained.keys() == evaluated.keys()
+    for key in trained:
+        assert torch.equal(trained[key], evaluated[key]), key

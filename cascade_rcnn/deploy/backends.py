@@ -17,14 +17,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from cascade_rcnn.api import Detector
 from cascade_rcnn.config import config_from_dict
 from cascade_rcnn.errors import CascadeRCNNError
-from cascade_rcnn.modeling.detector import build_transform
+from cascade_rcnn.modeling.detector import build_transform, split_by_image
 from cascade_rcnn.structures import Detections
 
 BACKENDS = ("torch", "onnxruntime")
@@ -41,18 +40,12 @@ class OnnxModel:
         if return_stages:
             raise CascadeRCNNError("per-stage detections need the PyTorch backend (the graph returns the final ones)")
         batch, _ = self.transform([img.cpu() for img in images])
-        feeds = {
-            "images": batch.tensor.contiguous().numpy(),
-            "image_sizes": np.asarray(batch.image_sizes, dtype=np.int64).reshape(-1, 2),
-            "scale_factors": np.asarray(batch.scale_factors, dtype=np.float64).reshape(-1, 2),
-            "original_sizes": np.asarray(batch.original_sizes, dtype=np.int64).reshape(-1, 2),
-        }
+        names = ("images", "image_sizes", "scale_factors", "original_sizes")
+        feeds = {name: t.contiguous().numpy() for name, t in zip(names, batch.as_tensors())}
         wanted = {i.name for i in self.session.get_inputs()}  # original_sizes: only graphs that rescale after NMS
         feeds = {name: value for name, value in feeds.items() if name in wanted}
-        boxes, scores, labels, image = (torch.from_numpy(x) for x in self.session.run(None, feeds))
-        return [
-            Detections(boxes[image == i], scores[image == i], labels[image == i]) for i in range(len(images))
-        ]
+        outputs = tuple(torch.from_numpy(x) for x in self.session.run(None, feeds))
+        return split_by_image(outputs, len(images))
 
 
 class OnnxDetector(Detector):

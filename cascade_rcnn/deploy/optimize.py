@@ -1,12 +1,11 @@
 """Inference optimisations: model transformations that keep the detector's outputs within float rounding.
 
-`optimize_for_inference(model)` returns an inference copy of a `CascadeRCNN` that `Detector` runs by default:
+`optimize_for_inference(model)` returns an inference copy of a `CascadeRCNN` that `Detector` runs by default. It
+swaps modules and kernels only; the copy runs the model's own forward (`CascadeRCNN.detect`):
 
 - every FrozenBatchNorm2d folded into the convolution before it, conv(x, w * s) + (b - mean * s) with s = gamma /
   sqrt(var + eps), computed at each call from the model's own tensors (`FoldedConv`): one pass over each activation
   map fewer, for one multiply over the weights (about 1% of a forward) and no second copy of the backbone;
-- backbone and FPN run as one pass (`BackboneFPN`) that frees each backbone map as soon as its FPN lateral and the
-  next stage have read it, with in-place top-down sums: the largest maps are never alive together;
 - backbone, FPN and RPN head run channels-last (NHWC), oneDNN's native layout: no reorders around each convolution;
 - RoIAlign as weighted sums of channels-last feature rows (`roi_align_channels_last`): several times faster than
   torchvision's single-threaded CPU kernel, and the maps need no NCHW copy; RoIs pooled and classified 512 at a time;
@@ -76,28 +75,6 @@ class FoldedConv(nn.Module):
         return self.conv._conv_forward(x, weight, bias)
 
 
-class BackboneFPN(nn.Module):
-    """ResNet + FPN in one pass: C2..C5 -> P2..P6 as `fpn(backbone(x))` computes them, except that each backbone
-    map is dropped as soon as the next stage and then its lateral conv have read it, and the FPN's top-down path runs
-    on the laterals alone (`FPN.outputs`). At 800 x 1333 this takes about 130 MB off the peak memory."""
-
-    def __init__(self, backbone: nn.Module, fpn: nn.Module) -> None:
-        super().__init__()
-        self.backbone, self.fpn = backbone, fpn
-
-    def forward(self, x: Tensor) -> list[Tensor]:
-        b = self.backbone
-        stages = [b.layer2, b.layer3, b.layer4, None]
-        c = b.layer1(b.maxpool(b.relu(b.bn1(b.conv1(x)))))
-        laterals = []
-        for stage, lateral in zip(stages, self.fpn.lateral_convs):
-            # The next stage runs before this lateral conv: while it runs, only its input map is alive.
-            following = stage(c) if stage is not None else None
-            laterals.append(lateral(c))
-            c = following
-        return self.fpn.outputs(laterals)
-
-
 class ChannelsLast(nn.Module):
     """Runs `body` on a channels-last (NHWC) copy of its input; its outputs stay channels-last."""
 
@@ -105,7 +82,7 @@ class ChannelsLast(nn.Module):
         super().__init__()
         self.body = body
 
-    def forward(self, x: Tensor) -> list[Tensor]:
+    def forward(self, x: Tensor) -> Tensor:
         return self.body(x.contiguous(memory_format=torch.channels_last))
 
 
@@ -164,15 +141,16 @@ def optimize_for_inference(model: nn.Module, bf16: bool = False) -> nn.Module:
     fast.roi_heads = _shallow_copy(model.roi_heads)
     fast.roi_heads.roi_align = GatherRoIAlign(model.roi_heads.roi_align)
     fast.roi_heads.rois_per_chunk = ROIS_PER_CHUNK
-    # The FPN runs inside `fast.backbone`, so that backbone maps can be freed while it runs.
-    fast.fpn = nn.Identity()
     if not bf16:
-        backbone = fold_batch_norm(_structure_copy(model.backbone), lazy=True)
-        fast.backbone = ChannelsLast(BackboneFPN(backbone, model.fpn))
+        fast.backbone = fold_batch_norm(_structure_copy(model.backbone), lazy=True)
+        # The stem's input goes channels-last; every later map stays so (oneDNN keeps the input's layout).
+        fast.backbone.conv1 = ChannelsLast(fast.backbone.conv1)
         return fast.eval()
     with torch.no_grad():
-        backbone = fold_batch_norm(copy.deepcopy(model.backbone)).to(torch.bfloat16)
-        fast.backbone = BFloat16(ChannelsLast(BackboneFPN(backbone, copy.deepcopy(model.fpn).to(torch.bfloat16))))
+        fast.backbone = fold_batch_norm(copy.deepcopy(model.backbone)).to(torch.bfloat16)
+        fast.backbone.conv1 = ChannelsLast(fast.backbone.conv1)
+        # The backbone's maps are made as the FPN reads them (`FPN.forward`), so both run inside this autocast.
+        fast.fpn = BFloat16(copy.deepcopy(model.fpn).to(torch.bfloat16))
         fast.rpn = _shallow_copy(model.rpn)
         fast.rpn.head = BFloat16(copy.deepcopy(model.rpn.head).to(torch.bfloat16))
         heads = [BFloat16(copy.deepcopy(h).to(torch.bfloat16)) for h in model.roi_heads.box_heads]

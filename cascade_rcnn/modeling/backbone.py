@@ -9,6 +9,8 @@ statistics (`norm_trainable=False`, detectron2's FrozenBN). The state_dict keys 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.resnet import Bottleneck, ResNet
@@ -83,9 +85,12 @@ class ResNetBackbone(nn.Module):
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """(B, 3, H, W) normalised images -> [C2, C3, C4, C5] at strides 4, 8, 16, 32."""
+        return list(self.feature_maps(x))
+
+    def feature_maps(self, x: Tensor) -> Iterator[Tensor]:
+        """C2, C3, C4, C5 one at a time: each stage runs when the next map is asked for, and this generator keeps
+        no reference to a map it has handed out, so a consumer that lets go of C_k frees it (`FPN.forward`)."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        c2 = self.layer1(x)
-        c3 = self.layer2(c2)
-        c4 = self.layer3(c3)
-        c5 = self.layer4(c4)
-        return [c2, c3, c4, c5]
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = layer(x)
+            yield x

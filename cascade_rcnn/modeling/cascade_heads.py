@@ -7,7 +7,7 @@ Class axis convention (one place, pinned by a test): a stage's classification lo
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -57,8 +57,8 @@ class CascadeROIHeads(nn.Module):
         add_gt_as_proposals: bool = True,
         stage_loss_weights: tuple[float, ...] = (1.0, 0.5, 0.25),
         smooth_l1_beta: float = 1.0,
-        score_ensemble: Literal["mean_logits", "mean_probs", "last"] = "mean_logits",
-        refine_class: Literal["label", "argmax_with_background"] = "label",
+        score_ensemble: Callable[[list[Tensor]], Tensor] | None = None,
+        refine_class: Callable[[Tensor, Tensor | None, int], Tensor] | None = None,
         refine_box_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
@@ -72,8 +72,10 @@ class CascadeROIHeads(nn.Module):
         self.add_gt_as_proposals = add_gt_as_proposals
         self.stage_loss_weights = stage_loss_weights
         self.smooth_l1_beta = smooth_l1_beta
-        self.score_ensemble = score_ensemble
-        self.refine_class = refine_class
+        # The peers' conventions, as functions chosen by `build_model`: how the stages' scores are combined at test
+        # time, and which class's box a class-specific stage hands to the next stage.
+        self.score_ensemble = score_ensemble or mean_logits
+        self.refine_class = refine_class or refine_by_label
         self.refine_box_dtype = refine_box_dtype
         self.rois_per_chunk: int | None = None
 
@@ -96,20 +98,16 @@ class CascadeROIHeads(nn.Module):
                      labels: Tensor | None = None) -> Tensor:
         """Boxes (N, 4) that stage `stage` predicts for `rois`, clipped to each RoI's image (`image_sizes` (B, 2)).
 
-        Class-specific heads use the deltas of `labels` ((N,), background rows -> best foreground class) or, with
-        `refine_class="argmax_with_background"`, of the argmax over all classes (the background's own deltas when the
-        head has a background slot). The RoIs are first rounded to `refine_box_dtype` (the seed's float16 cast).
+        Class-specific heads use the deltas of the class `refine_class` picks (`refine_by_label`: `labels` (N,) in
+        training, background rows -> best foreground class; `refine_by_argmax_with_background`: the seed's). The RoIs
+        are first rounded to `refine_box_dtype` (the seed's float16 cast).
         """
         limits = image_sizes[rois[:, 0].long()]
         boxes_in = rois[:, 1:].to(self.refine_box_dtype).to(rois.dtype)
         boxes = self.box_coders[stage].decode(deltas, boxes_in, limits)
         if boxes.shape[1] == 4:
             return boxes
-        if self.refine_class == "argmax_with_background":
-            labels = logits.argmax(dim=1)
-        else:
-            best_fg = logits[:, : self.num_classes].argmax(dim=1)
-            labels = best_fg if labels is None else torch.where(labels == self.num_classes, best_fg, labels)
+        labels = self.refine_class(logits, labels, self.num_classes)
         boxes = boxes.view(boxes.shape[0], -1, 4)
         labels = labels.clamp(max=boxes.shape[1] - 1)
         return boxes[torch.arange(boxes.shape[0], device=boxes.device), labels]
@@ -149,7 +147,7 @@ class CascadeROIHeads(nn.Module):
             stage_boxes.append(boxes if boxes.shape[1] == 4 else boxes[:, : 4 * self.num_classes])  # no background box
             if stage < self.num_stages - 1:
                 rois = torch.cat([rois[:, :1], self.decode_stage(stage, rois, logits, deltas, image_sizes)], dim=1)
-        scores = combine_stage_scores(stage_logits, self.score_ensemble)[:, : self.num_classes]
+        scores = self.score_ensemble(stage_logits)[:, : self.num_classes]
         stage_scores = [F.softmax(logits, dim=1)[:, : self.num_classes] for logits in stage_logits]
         return scores, stage_boxes, stage_scores
 
@@ -254,20 +252,53 @@ def proposals_to_rois(proposals: list[Tensor]) -> Tensor:
     return torch.cat([torch.cat([p.new_full((len(p), 1), i), p], dim=1) for i, p in enumerate(proposals)])
 
 
-def combine_stage_scores(stage_logits: list[Tensor], mode: str) -> Tensor:
-    """Class probabilities (N, K + 1) from the stages' logits.
+def refine_by_label(logits: Tensor, labels: Tensor | None, num_classes: int) -> Tensor:
+    """The class whose box a stage hands on (mmdetection, detectron2): the gt label in training, the best foreground
+    class at test time and for background RoIs."""
+    best_fg = logits[:, :num_classes].argmax(dim=1)
+    return best_fg if labels is None else torch.where(labels == num_classes, best_fg, labels)
 
-    "mean_logits": softmax((l0 + l1 + l2) / 3), summed in stage order (mmdetection); "mean_probs": the mean of the
-    stages' softmax, (p0 + p1 + p2) * (1 / 3) in that float order (detectron2, the paper's ensemble); "last": the last
-    stage's softmax (the seed).
-    """
-    if mode == "mean_logits":
-        total = stage_logits[0]
-        for logits in stage_logits[1:]:
-            total = total + logits
-        return F.softmax(total / float(len(stage_logits)), dim=1)
-    if mode == "mean_probs":
-        return sum(F.softmax(logits, dim=1) for logits in stage_logits) * (1.0 / len(stage_logits))
-    if mode == "last":
-        return F.softmax(stage_logits[-1], dim=1)
-    raise ValueError(f"unknown score ensemble {mode!r}")
+
+def refine_by_argmax_with_background(logits: Tensor, labels: Tensor | None, num_classes: int) -> Tensor:
+    """The seed's: the argmax over all classes, background included (with a background regression slot, the
+    background's own box)."""
+    return logits.argmax(dim=1)
+
+
+def mean_logits(stage_logits: list[Tensor]) -> Tensor:
+    """softmax((l0 + l1 + l2) / 3), summed in stage order (mmdetection)."""
+    total = stage_logits[0]
+    for logits in stage_logits[1:]:
+        total = total + logits
+    return F.softmax(total / float(len(stage_logits)), dim=1)
+
+
+def mean_probs(stage_logits: list[Tensor]) -> Tensor:
+    """The mean of the stages' softmax, (p0 + p1 + p2) * (1 / 3) in that float order (detectron2, the paper)."""
+    return sum(F.softmax(logits, dim=1) for logits in stage_logits) * (1.0 / len(stage_logits))
+
+
+def last_stage(stage_logits: list[Tensor]) -> Tensor:
+    """The last stage's softmax alone (the seed)."""
+    return F.softmax(stage_logits[-1], dim=1)
+
+
+# `cascade.score_ensemble` and `cascade.refine_class` values -> the functions `build_model` gives the heads.
+SCORE_ENSEMBLES: dict[str, Callable[[list[Tensor]], Tensor]] = {
+    "mean_logits": mean_logits,
+    "mean_probs": mean_probs,
+    "last": last_stage,
+}
+REFINE_RULES: dict[str, Callable[[Tensor, Tensor | None, int], Tensor]] = {
+    "label": refine_by_label,
+    "argmax_with_background": refine_by_argmax_with_background,
+}
+
+
+def combine_stage_scores(stage_logits: list[Tensor], mode: str) -> Tensor:
+    """Class probabilities (N, K + 1) from the stages' logits by the ensemble named `mode` (`SCORE_ENSEMBLES`)."""
+    try:
+        ensemble = SCORE_ENSEMBLES[mode]
+    except KeyError:
+        raise ValueError(f"unknown score ensemble {mode!r}") from None
+    return ensemble(stage_logits)

@@ -10,33 +10,47 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from cascade_rcnn.config import ModelConfig
 from cascade_rcnn.modeling.anchors import AnchorGenerator
 from cascade_rcnn.modeling.backbone import ResNetBackbone
-from cascade_rcnn.modeling.box_coder import BoxCoder, clip_boxes
-from cascade_rcnn.modeling.cascade_heads import BoxHead, CascadeROIHeads
-from cascade_rcnn.config import ModelConfig
+from cascade_rcnn.modeling.box_coder import BoxCoder
+from cascade_rcnn.modeling.cascade_heads import (
+    REFINE_RULES,
+    SCORE_ENSEMBLES,
+    BoxHead,
+    CascadeROIHeads,
+)
 from cascade_rcnn.modeling.fpn import FPN
 from cascade_rcnn.modeling.matcher import Matcher
-from cascade_rcnn.modeling.postprocess import multiclass_nms
+from cascade_rcnn.modeling.postprocess import PostProcessor
 from cascade_rcnn.modeling.roi_align import MultiScaleRoIAlign
 from cascade_rcnn.modeling.rpn import RegionProposalNetwork, RPNHead
+from cascade_rcnn.modeling.transform import (
+    FixedCanvas,
+    ImageBatch,
+    KeepRatioResize,
+    PadToMultiple,
+    SecondRescale,
+    ShortestEdgeResize,
+    Transform,
+    per_axis_factors,
+    resize_bilinear_cv2,
+    resize_bilinear_pil,
+    scalar_factors,
+)
 from cascade_rcnn.structures import Detections
-from cascade_rcnn.modeling.transform import ImageBatch, Transform
 
 
 class CascadeRCNN(nn.Module):
     def __init__(
         self,
+        *,
         transform: Transform,
         backbone: ResNetBackbone,
         fpn: FPN,
         rpn: RegionProposalNetwork,
         roi_heads: CascadeROIHeads,
-        score_thresh: float = 0.05,
-        nms_thresh: float = 0.5,
-        detections_per_image: int = 100,
-        class_nms: str = "offset",
-        rescale: str = "before_nms",
+        postprocessor: PostProcessor,
     ) -> None:
         super().__init__()
         self.transform = transform
@@ -44,19 +58,18 @@ class CascadeRCNN(nn.Module):
         self.fpn = fpn
         self.rpn = rpn
         self.roi_heads = roi_heads
-        self.score_thresh = score_thresh
-        self.nms_thresh = nms_thresh
-        self.detections_per_image = detections_per_image
-        self.class_nms = class_nms
-        self.rescale = rescale
+        self.postprocessor = postprocessor
 
-    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]], min_size: int | None = None) -> dict[str, Tensor]:
+    def forward(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]], min_size: int | None = None
+    ) -> dict[str, Tensor]:
         """Training losses for `images` ((3, H, W) RGB 0-255, original size) and `targets` (`boxes` (G, 4) xyxy in
         original pixels, `labels` (G,) in 0..K-1, optional `iscrowd` (G,) bool). Returns a flat dict of scalar losses:
         loss_rpn_cls, loss_rpn_box, loss_cls_stage{k}, loss_box_stage{k}."""
         batch, targets = self.transform(images, targets, min_size)
-        features = self.fpn(self.backbone(batch.tensor))
-        proposals, _, rpn_losses = self.rpn(features, batch.image_sizes, targets)
+        features = self.fpn(self.backbone.feature_maps(batch.tensor))
+        rois, _, rpn_losses = self.rpn(features, batch.image_sizes, targets)
+        proposals = rois_to_proposals(rois, len(images))
         return {**rpn_losses, **self.roi_heads.loss(features, proposals, targets, batch.image_sizes)}
 
     @torch.no_grad()
@@ -67,136 +80,181 @@ class CascadeRCNN(nn.Module):
 
     @torch.no_grad()
     def predict_batch(self, batch: ImageBatch, return_stages: bool = False) -> list[Detections]:
-        features = self.fpn(self.backbone(batch.tensor))
-        proposals, _, _ = self.rpn(features, batch.image_sizes)
-        candidates = self.roi_heads.predict(features, proposals, batch.image_sizes)
-        results = []
-        for cand, factor, size in zip(candidates, batch.scale_factors, batch.original_sizes):
-            detections = self.detect(cand["boxes"], cand["scores"], factor, size)
-            if return_stages:
-                detections.stages = [
-                    self.detect(boxes, scores, factor, size)
-                    for boxes, scores in zip(cand["stage_boxes"], cand["stage_scores"])
-                ]
-            results.append(detections)
+        """`detect` on a transformed batch, split into one `Detections` per image (with each stage's own when
+        `return_stages`)."""
+        inputs = batch.as_tensors()
+        outputs = self.detect(*inputs, return_stages=return_stages)
+        results = split_by_image(outputs[:4], len(batch.image_sizes))
+        if return_stages:
+            per_stage = [split_by_image(stage, len(batch.image_sizes)) for stage in outputs[4]]
+            for i, detections in enumerate(results):
+                detections.stages = [stage[i] for stage in per_stage]
         return results
 
     def detect(
+        self,
+        images: Tensor,
+        image_sizes: Tensor,
+        scale_factors: Tensor,
+        original_sizes: Tensor,
+        return_stages: bool = False,
+    ) -> tuple:
+        """The detection flow on a normalised, padded batch, batch-vectorised and traceable (the ONNX graph is this
+        function traced; the optimised inference copy runs it with some modules swapped).
+
+        images (B, 3, H, W); image_sizes (B, 2) int64 (h, w) of each image's extent in it; scale_factors (B, 2) float64
+        (w_scale, h_scale); original_sizes (B, 2) int64 (h, w). Returns boxes (D, 4) in original pixels, scores (D,),
+        labels (D,), batch_index (D,), grouped by image, each image's by decreasing score; with `return_stages`, a
+        fifth item: the same four for each cascade stage on its own.
+        """
+        features = self.fpn(self.backbone.feature_maps(images))
+        sizes = image_sizes.to(torch.float32)
+        rois, _, _ = self.rpn(features, sizes)
+        scores, stage_boxes, stage_scores = self.roi_heads.predict_rois(features, rois, sizes)
+        roi_images = rois[:, 0].long()
+        detections = self.postprocessor(stage_boxes[-1], scores, roi_images, scale_factors, original_sizes)
+        if not return_stages:
+            return detections
+        stages = [
+            self.postprocessor(boxes, s, roi_images, scale_factors, original_sizes)
+            for boxes, s in zip(stage_boxes, stage_scores)
+        ]
+        return (*detections, stages)
+
+    def postprocess_image(
         self, boxes: Tensor, scores: Tensor, scale_factor: tuple[float, float], original_size: tuple[int, int]
     ) -> Detections:
-        """Per-class NMS of candidate boxes, and the way back to original pixels ((h, w) = `original_size`).
-
-        mmdetection maps the boxes to original pixels, then runs NMS; with rescale="after_nms" (detectron2's
-        `detector_postprocess`) NMS runs in the resized frame, then the kept boxes are mapped back, clipped to the
-        original image, and boxes left empty are dropped (so fewer than detections_per_image may remain).
-        """
-        if self.rescale == "before_nms":
-            boxes = self.transform.to_original(boxes, scale_factor)
-        boxes, scores, labels = multiclass_nms(
-            boxes,
-            scores,
-            self.score_thresh,
-            self.nms_thresh,
-            self.detections_per_image,
-            self.class_nms == "per_class",
-            self.class_nms == "torchvision",
-        )
-        if self.rescale == "after_nms":
-            boxes = clip_boxes(self.transform.to_original(boxes, scale_factor), original_size)
-            keep = torch.nonzero((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).squeeze(1)
-            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        """`postprocessor` on one image's candidates (boxes (N, 4) or (N, 4K) in the resized frame, scores (N, K))."""
+        device = boxes.device
+        images = torch.zeros((scores.shape[0],), dtype=torch.int64, device=device)
+        factors = torch.tensor([scale_factor], dtype=torch.float64, device=device)
+        sizes = torch.tensor([original_size], dtype=torch.int64, device=device)
+        boxes, scores, labels, _ = self.postprocessor(boxes, scores, images, factors, sizes)
         return Detections(boxes, scores, labels)
 
 
+def rois_to_proposals(rois: Tensor, num_images: int) -> list[Tensor]:
+    """RoIs (R, 5) = [image, x1, y1, x2, y2] grouped by image -> boxes (K_i, 4) per image."""
+    counts = torch.bincount(rois[:, 0].long(), minlength=num_images).tolist()
+    return list(rois[:, 1:].split(counts))
+
+
+def split_by_image(detections: tuple[Tensor, ...], num_images: int) -> list[Detections]:
+    """(boxes, scores, labels, batch_index) of a batch, grouped by image -> one `Detections` per image."""
+    boxes, scores, labels, image = detections
+    counts = torch.bincount(image, minlength=num_images).tolist()
+    return [Detections(*parts) for parts in zip(boxes.split(counts), scores.split(counts), labels.split(counts))]
+
+
 def build_model(cfg: ModelConfig) -> CascadeRCNN:
-    """Build the detector described by `cfg` (untrained heads; backbone weights as initialised by torchvision)."""
-    b, a, r, c = cfg.backbone, cfg.anchors, cfg.rpn, cfg.cascade
+    """Build the detector described by `cfg` (untrained heads; backbone weights as initialised by torchvision).
+
+    The one place that reads a config: every peer convention becomes a module or an object here (the transform's
+    resize and canvas policies, the box coders, the post-processor), and the modules never ask which peer they imitate.
+    """
+    b, a, r, c, ra = cfg.backbone, cfg.anchors, cfg.rpn, cfg.cascade, cfg.roi_align
     backbone = ResNetBackbone(
-        b.depth, b.groups, b.width_per_group, b.frozen_stages, b.bn_eps, b.stride_in_1x1, b.stem_pool,
+        depth=b.depth,
+        groups=b.groups,
+        width_per_group=b.width_per_group,
+        frozen_stages=b.frozen_stages,
+        bn_eps=b.bn_eps,
+        stride_in_1x1=b.stride_in_1x1,
+        stem_pool=b.stem_pool,
         norm_trainable=b.norm_trainable,
     )
-    fpn = FPN(backbone.out_channels, cfg.fpn.out_channels)
-    anchor_generator = AnchorGenerator(a.strides, a.scales, a.ratios, a.center_offset, a.legacy_v1)
-    coder = cfg.box_coder
-    rpn = RegionProposalNetwork(
-        anchor_generator,
-        RPNHead(cfg.fpn.out_channels, anchor_generator.num_anchors_per_location),
-        BoxCoder((1.0, 1.0, 1.0, 1.0), coder.scale_clamp, coder.plus_one, coder.clip_offset, coder.clamp_below),
-        Matcher(r.fg_iou_thresh, r.bg_iou_thresh, r.low_quality_min_iou, ignore_iof_thresh=r.ignore_iof_thresh),
-        r.batch_size_per_image,
-        r.positive_fraction,
-        {"train": r.pre_nms_top_n_train, "test": r.pre_nms_top_n_test},
-        {"train": r.post_nms_top_n_train, "test": r.post_nms_top_n_test},
-        r.nms_thresh,
-        r.nms_per_level,
-        r.min_size,
-        r.smooth_l1_beta,
-        r.loss_box_weight,
-        r.proposal_score,
+    fpn = FPN(in_channels=backbone.out_channels, out_channels=cfg.fpn.out_channels)
+    anchor_generator = AnchorGenerator(
+        strides=a.strides, scales=a.scales, ratios=a.ratios, center_offset=a.center_offset, legacy_v1=a.legacy_v1
     )
-    ra = cfg.roi_align
+    rpn = RegionProposalNetwork(
+        anchor_generator=anchor_generator,
+        head=RPNHead(in_channels=cfg.fpn.out_channels, num_anchors=anchor_generator.num_anchors_per_location),
+        box_coder=build_box_coder(cfg, stds=(1.0, 1.0, 1.0, 1.0)),
+        matcher=Matcher(r.fg_iou_thresh, r.bg_iou_thresh, r.low_quality_min_iou, ignore_iof_thresh=r.ignore_iof_thresh),
+        batch_size_per_image=r.batch_size_per_image,
+        positive_fraction=r.positive_fraction,
+        pre_nms_top_n={"train": r.pre_nms_top_n_train, "test": r.pre_nms_top_n_test},
+        post_nms_top_n={"train": r.post_nms_top_n_train, "test": r.post_nms_top_n_test},
+        nms_thresh=r.nms_thresh,
+        nms_per_level=r.nms_per_level,
+        min_size=r.min_size,
+        smooth_l1_beta=r.smooth_l1_beta,
+        loss_box_weight=r.loss_box_weight,
+        # Ranking by logits (detectron2) keeps apart what float32 sigmoids round to the same value near 1.
+        proposal_score=torch.sigmoid if r.proposal_score == "sigmoid" else None,
+    )
     roi_align = MultiScaleRoIAlign(
-        backbone.strides,
-        ra.output_size,
-        ra.sampling_ratio,
-        ra.aligned,
-        ra.canonical_size,
-        ra.level_eps,
-        ra.plus_one,
-        ra.canonical_level,
+        strides=backbone.strides,
+        output_size=ra.output_size,
+        sampling_ratio=ra.sampling_ratio,
+        aligned=ra.aligned,
+        canonical_size=ra.canonical_size,
+        level_eps=ra.level_eps,
+        plus_one=ra.plus_one,
+        canonical_level=ra.canonical_level,
     )
     in_features = cfg.fpn.out_channels * ra.output_size**2
     num_reg_classes = 1 if c.class_agnostic else cfg.num_classes + int(c.reg_background_slot)
     roi_heads = CascadeROIHeads(
-        roi_align,
-        [BoxHead(in_features, c.fc_dim, cfg.num_classes, num_reg_classes) for _ in c.stage_ious],
-        [
-            BoxCoder(stds, coder.scale_clamp, coder.plus_one, coder.clip_offset, coder.clamp_below)
-            for stds in c.stage_stds
+        roi_align=roi_align,
+        box_heads=[
+            BoxHead(in_features=in_features, fc_dim=c.fc_dim, num_classes=cfg.num_classes,
+                    num_reg_classes=num_reg_classes)
+            for _ in c.stage_ious
         ],
+        box_coders=[build_box_coder(cfg, stds=stds) for stds in c.stage_stds],
         # Later stages take no low-quality matches: a stage's positives must really reach its IoU.
-        [Matcher(iou, iou, ignore_iof_thresh=c.ignore_iof_thresh) for iou in c.stage_ious],
-        cfg.num_classes,
-        c.batch_size_per_image,
-        c.positive_fraction,
-        c.add_gt_as_proposals,
-        c.stage_loss_weights,
-        c.smooth_l1_beta,
-        c.score_ensemble,
-        c.refine_class,
-        getattr(torch, c.refine_box_dtype),
+        matchers=[Matcher(iou, iou, ignore_iof_thresh=c.ignore_iof_thresh) for iou in c.stage_ious],
+        num_classes=cfg.num_classes,
+        batch_size_per_image=c.batch_size_per_image,
+        positive_fraction=c.positive_fraction,
+        add_gt_as_proposals=c.add_gt_as_proposals,
+        stage_loss_weights=c.stage_loss_weights,
+        smooth_l1_beta=c.smooth_l1_beta,
+        score_ensemble=SCORE_ENSEMBLES[c.score_ensemble],
+        refine_class=REFINE_RULES[c.refine_class],
+        refine_box_dtype=getattr(torch, c.refine_box_dtype),
     )
-    transform = build_transform(cfg)
     p = cfg.postprocess
+    postprocessor = PostProcessor(
+        score_thresh=p.score_thresh,
+        nms_thresh=p.nms_thresh,
+        detections_per_image=p.detections_per_image,
+        class_nms=p.class_nms,
+        rescale=p.rescale,
+    )
     return CascadeRCNN(
-        transform,
-        backbone,
-        fpn,
-        rpn,
-        roi_heads,
-        p.score_thresh,
-        p.nms_thresh,
-        p.detections_per_image,
-        p.class_nms,
-        p.rescale,
+        transform=build_transform(cfg), backbone=backbone, fpn=fpn, rpn=rpn, roi_heads=roi_heads,
+        postprocessor=postprocessor,
+    )
+
+
+def build_box_coder(cfg: ModelConfig, *, stds: tuple[float, float, float, float]) -> BoxCoder:
+    """The box coder of `cfg`'s convention with the given stds (the RPN's are 1, each cascade stage has its own)."""
+    coder = cfg.box_coder
+    return BoxCoder(
+        stds=stds,
+        scale_clamp=coder.scale_clamp,
+        plus_one=coder.plus_one,
+        clip_offset=coder.clip_offset,
+        clamp_below=coder.clamp_below,
     )
 
 
 def build_transform(cfg: ModelConfig) -> Transform:
     """The input transform `cfg` describes (what `build_model` gives the model; ONNX backends use it alone)."""
     t = cfg.transform
+    rule_class = ShortestEdgeResize if t.resize_rule == "shortest_edge" else KeepRatioResize
+    resize = rule_class(min_size=t.min_size, max_size=t.max_size)
+    options = {"pad_before_normalize": t.pad_before_normalize, "clip_to_canvas": t.clip_to == "canvas"}
+    canvas = PadToMultiple(t.size_divisible, **options) if t.pad_to is None else FixedCanvas(t.pad_to, **options)
     return Transform(
-        t.min_size,
-        t.max_size,
-        t.pixel_mean,
-        t.pixel_std,
-        t.channel_order,
-        t.size_divisible,
-        t.second_rescale,
-        t.pad_to,
-        t.pad_before_normalize,
-        t.box_scale,
-        t.clip_to,
-        t.resize_rule,
-        t.resize_method,
+        resize=SecondRescale(resize) if t.second_rescale else resize,
+        resize_pixels=resize_bilinear_pil if t.resize_method == "pil_bilinear" else resize_bilinear_cv2,
+        canvas=canvas,
+        box_factors=scalar_factors if t.box_scale == "scalar" else per_axis_factors,
+        pixel_mean=t.pixel_mean,
+        pixel_std=t.pixel_std,
+        channels=(2, 1, 0) if t.channel_order == "bgr" else (0, 1, 2),
     )

@@ -7,6 +7,8 @@ the best `post_nms_top_n` of the image. Proposals never carry gradient: the casc
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -14,7 +16,7 @@ from torch import Tensor, nn
 from cascade_rcnn.modeling.anchors import AnchorGenerator, inside_anchor_flags, valid_anchor_flags
 from cascade_rcnn.modeling.box_coder import BoxCoder, clip_boxes
 from cascade_rcnn.modeling.matcher import Matcher, sample_indices, sampling_generator, training_gt
-from cascade_rcnn.modeling.postprocess import batched_nms
+from cascade_rcnn.modeling.postprocess import nms_per_image
 
 
 class RPNHead(nn.Module):
@@ -54,7 +56,7 @@ class RegionProposalNetwork(nn.Module):
         min_size: float | None = 0.0,
         smooth_l1_beta: float = 1.0 / 9.0,
         loss_box_weight: float = 1.0,
-        proposal_score: str = "sigmoid",
+        proposal_score: Callable[[Tensor], Tensor] | None = torch.sigmoid,
     ) -> None:
         super().__init__()
         self.anchor_generator = anchor_generator
@@ -70,60 +72,73 @@ class RegionProposalNetwork(nn.Module):
         self.min_size = min_size
         self.smooth_l1_beta = smooth_l1_beta
         self.loss_box_weight = loss_box_weight
+        # What proposals are ranked by: a function of the logits (sigmoid, mmdetection), or the logits (None).
         self.proposal_score = proposal_score
 
     def forward(
-        self, features: list[Tensor], image_sizes: list[tuple[int, int]], targets: list[dict[str, Tensor]] | None = None
-    ) -> tuple[list[Tensor], list[Tensor], dict[str, Tensor]]:
-        """Proposals per image ((K, 4) boxes, (K,) scores: sigmoid, or logits with proposal_score="logit") and, when
-        `targets` are given, the RPN losses."""
+        self,
+        features: list[Tensor],
+        image_sizes: Tensor | list[tuple[int, int]],
+        targets: list[dict[str, Tensor]] | None = None,
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Proposals of the batch as RoIs (R, 5) = [image, x1, y1, x2, y2] grouped by image, their scores (R,)
+        (`proposal_score` of the logits, or the logits), and, when `targets` are given, the RPN losses.
+        `image_sizes`: (h, w) of each image, (B, 2) or a list."""
         logits, deltas = self.head(features)
         anchors = self.anchor_generator([f.shape[-2:] for f in features], features[0].device)
-        mode = "train" if self.training else "test"
+        sizes = image_sizes
+        if not isinstance(sizes, Tensor):
+            sizes = torch.tensor(image_sizes, dtype=torch.float32, device=features[0].device).reshape(-1, 2)
+        # Losses are always computed with the training proposal counts (mmdetection's `rpn_proposal`), whether or not
+        # the module is in training mode: `model(images, targets)` is the training computation.
+        mode = "train" if targets is not None else "test"
         with torch.no_grad():
-            boxes, scores = self.propose(logits, deltas, anchors, image_sizes, mode)
+            rois, scores = self.propose(logits, deltas, anchors, sizes.float(), mode)
         losses: dict[str, Tensor] = {}
         if targets is not None:
             losses = self.loss(logits, deltas, anchors, [f.shape[-2:] for f in features], image_sizes, targets)
-        return boxes, scores, losses
+        return rois, scores, losses
 
     def propose(
         self,
         logits: list[Tensor],
         deltas: list[Tensor],
         anchors: list[Tensor],
-        image_sizes: list[tuple[int, int]],
+        image_sizes: Tensor,
         mode: str = "test",
-    ) -> tuple[list[Tensor], list[Tensor]]:
+    ) -> tuple[Tensor, Tensor]:
+        """Proposals of every image of a batch, as RoIs (R, 5) = [image, x1, y1, x2, y2] grouped by image, and their
+        scores (R,). `logits` (B, N_l) and `deltas` (B, N_l, 4) per level, `anchors` (N_l, 4) per level,
+        `image_sizes` (B, 2) float (h, w). Batch-vectorised and traceable: eager inference, training and the ONNX
+        graph all run it."""
         pre_nms, post_nms = self.pre_nms_top_n[mode], self.post_nms_top_n[mode]
         level_boxes, level_scores, level_ids = [], [], []
         for level, (lvl_logits, lvl_deltas, lvl_anchors) in enumerate(zip(logits, deltas, anchors)):
-            # Ranking by logits (detectron2) keeps apart what float32 sigmoids round to the same value near 1.
             scores = lvl_logits.detach()
-            scores = scores.sigmoid() if self.proposal_score == "sigmoid" else scores
-            k = min(pre_nms, scores.shape[1])
-            scores, idx = scores.topk(k, dim=1, sorted=True)
-            b = scores.shape[0]
-            picked = lvl_deltas.detach().gather(1, idx[..., None].expand(b, k, 4))
-            level_boxes.append(self.box_coder.decode(picked.reshape(-1, 4), lvl_anchors[idx.reshape(-1)]).view(b, k, 4))
+            if self.proposal_score is not None:
+                scores = self.proposal_score(scores)
+            scores, idx = scores.topk(_topk_size(scores, pre_nms), dim=1, sorted=True)
+            picked = lvl_deltas.detach().gather(1, idx.unsqueeze(-1).expand(-1, -1, 4))
+            boxes = self.box_coder.decode(picked.reshape(-1, 4), lvl_anchors[idx.reshape(-1)])
+            level_boxes.append(boxes.reshape(scores.shape[0], -1, 4))
             level_scores.append(scores)
-            level_ids.append(torch.full((k,), level, dtype=torch.int64, device=scores.device))
-        all_boxes = torch.cat(level_boxes, dim=1)
-        all_scores = torch.cat(level_scores, dim=1)
-        all_levels = torch.cat(level_ids)
-        proposals, proposal_scores = [], []
-        for boxes, scores, size in zip(all_boxes, all_scores, image_sizes):
-            boxes = clip_boxes(boxes, size, self.box_coder.clip_offset)
-            levels = all_levels
-            if self.min_size is not None:
-                wh = boxes[:, 2:] - boxes[:, :2]
-                keep = torch.nonzero((wh[:, 0] > self.min_size) & (wh[:, 1] > self.min_size)).squeeze(1)
-                boxes, scores, levels = boxes[keep], scores[keep], all_levels[keep]
-            groups = levels if self.nms_per_level else torch.zeros_like(levels)
-            keep = batched_nms(boxes, scores, groups, self.nms_thresh)[:post_nms]
-            proposals.append(boxes[keep])
-            proposal_scores.append(scores[keep])
-        return proposals, proposal_scores
+            level_ids.append(torch.zeros_like(idx[0]) + level)
+        boxes = clip_boxes(torch.cat(level_boxes, dim=1), image_sizes[:, None, :], self.box_coder.clip_offset)
+        scores = torch.cat(level_scores, dim=1)  # (B, N)
+        levels = torch.cat(level_ids)  # (N,)
+        num_images, n = scores.shape[0], scores.shape[1]
+        boxes, scores = boxes.reshape(-1, 4), scores.reshape(-1)
+        images = torch.arange(num_images, device=boxes.device)[:, None].expand(num_images, n).reshape(-1)
+        if self.min_size is None:
+            valid = torch.ones_like(scores, dtype=torch.bool)
+        else:
+            wh = boxes[:, 2:] - boxes[:, :2]
+            valid = (wh[:, 0] > self.min_size) & (wh[:, 1] > self.min_size)
+        groups = levels.repeat(num_images) if self.nms_per_level else torch.zeros_like(images)
+        image, index = nms_per_image(
+            boxes, scores, groups, images, valid, num_images, self.nms_thresh, post_nms, full_nms=True
+        )
+        return torch.cat([image.to(boxes.dtype)[:, None], boxes[index]], dim=1), scores[index]
 
     def loss(
         self,
@@ -189,3 +204,11 @@ class RegionProposalNetwork(nn.Module):
             )
             samples.append((inside[pos], inside[neg], gt_boxes[matches[pos]]))
         return samples
+
+
+def _topk_size(x: Tensor, k: int) -> Tensor | int:
+    """min(k, x.shape[1]), kept symbolic while tracing so that smaller feature maps work at other input sizes."""
+    if not torch.jit.is_tracing():
+        return min(k, x.shape[1])
+    n = torch._shape_as_tensor(x)[1].unsqueeze(0)
+    return torch.min(torch.cat([torch.tensor([k], dtype=n.dtype), n]))

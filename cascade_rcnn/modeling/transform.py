@@ -1,22 +1,20 @@
-"""Input transform: keep-ratio resize, normalisation and padding into one batch tensor, and the way back.
+"""Input transform: resize, normalisation and padding into one batch tensor, and the way back.
 
-The transform owns the resize, so callers give and get original-image pixels. Resize (mmcv `imrescale`):
-s = min(max_size / long side, min_size / short side), new size = int(size * s + 0.5) per axis, bilinear without
-antialiasing, in OpenCV's fixed-point arithmetic for 8-bit images (`resize_bilinear_cv2`: bit-exact with mmcv's cv2).
-The two axes' scale factors differ slightly; boxes
-go back through each axis' own factor (`box_scale="per_axis"`) or through s itself (`"scalar"`, the seed's).
+The transform owns the resize, so callers give and get original-image pixels. Each peer's convention is an object
+that `build_transform` chooses from the config:
 
-detectron2's conventions are settings too: `resize_rule="shortest_edge"` computes the size as `ResizeShortestEdge` does
-(short side first, then the cap; in its float order, which rounds ~1 size in 10^4 one pixel differently), and
-`resize_method="pil_bilinear"` resizes with Pillow as detectron2 does (bit-exact; antialiased when it shrinks).
-
-The seed's (MindSpore) conventions are settings: `second_rescale` resizes an image still taller than min_size a second
-time to that height; `pad_to` pads into a fixed canvas; `pad_before_normalize` pads the 0-255 image with zeros so that
-padding becomes -mean/std; `clip_to="canvas"` reports the whole canvas as each image's extent to the RPN and heads.
+- mmdetection: `KeepRatioResize` (mmcv `imrescale`), pixels resized in OpenCV's fixed-point bilinear arithmetic
+  (`resize_bilinear_cv2`, bit-exact with mmcv's cv2), `PadToMultiple(32)`, boxes back through each axis' factor;
+- detectron2: `ShortestEdgeResize` (`ResizeShortestEdge`, in its float order), Pillow's bilinear resize
+  (`resize_bilinear_pil`, antialiased when shrinking), BGR channel order;
+- the seed (MindSpore): `SecondRescale` (an image still taller than min_size is resized again to that height), a
+  `FixedCanvas` padded before normalisation whose whole extent the RPN and heads clip to, and boxes back through the
+  resize scale itself (`scalar_factors`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,66 +32,170 @@ class ImageBatch:
     original_sizes: list[tuple[int, int]]  # (h, w) of each input image
     scale_factors: list[tuple[float, float]]  # (w_scale, h_scale) = (new_w / w, new_h / h)
 
+    def as_tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(images, image_sizes (B, 2) int64, scale_factors (B, 2) float64, original_sizes (B, 2) int64): the inputs
+        of `CascadeRCNN.detect` and of the ONNX graph."""
+        device = self.tensor.device
+        return (
+            self.tensor,
+            torch.tensor(self.image_sizes, dtype=torch.int64, device=device).reshape(-1, 2),
+            torch.tensor(self.scale_factors, dtype=torch.float64, device=device).reshape(-1, 2),
+            torch.tensor(self.original_sizes, dtype=torch.int64, device=device).reshape(-1, 2),
+        )
+
+
+class KeepRatioResize:
+    """mmcv `imrescale`: s = min(max_size / long side, min_size / short side), new size = int(side * s + 0.5)."""
+
+    def __init__(self, *, min_size: int = 800, max_size: int = 1333) -> None:
+        self.min_size, self.max_size = min_size, max_size
+
+    def steps(self, h: int, w: int, min_size: int | None = None) -> tuple[list[tuple[int, int]], float]:
+        """The (new_h, new_w) of each successive resize of an (h, w) image, and the overall scale s."""
+        min_size = self.min_size if min_size is None else min_size
+        scale = min(self.max_size / max(h, w), min_size / min(h, w))
+        return [(int(h * scale + 0.5), int(w * scale + 0.5))], scale
+
+
+class ShortestEdgeResize(KeepRatioResize):
+    """detectron2 `ResizeShortestEdge.get_output_shape`, in its float order: the short side to min_size, the long side
+    with it, both scaled down when the long side exceeds max_size, then + 0.5 truncated (~1 size in 10^4 differs by
+    one pixel from `KeepRatioResize`)."""
+
+    def steps(self, h: int, w: int, min_size: int | None = None) -> tuple[list[tuple[int, int]], float]:
+        min_size = self.min_size if min_size is None else min_size
+        scale = min_size / min(h, w)
+        new_h, new_w = (min_size, scale * w) if h < w else (scale * h, min_size)
+        if max(new_h, new_w) > self.max_size:
+            cap = self.max_size / max(new_h, new_w)
+            new_h, new_w, scale = new_h * cap, new_w * cap, scale * cap
+        return [(int(new_h + 0.5), int(new_w + 0.5))], scale
+
+
+class SecondRescale(KeepRatioResize):
+    """The seed's portrait rule: after `first`, an image still taller than min_size is resized a second time, in a
+    second bilinear pass, to height min_size (mmcv imrescale to (min_size, min_size): min(m / long, m / short) = m / long
+    side), so that it fits the fixed canvas."""
+
+    def __init__(self, first: KeepRatioResize) -> None:
+        super().__init__(min_size=first.min_size, max_size=first.max_size)
+        self.first = first
+
+    def steps(self, h: int, w: int, min_size: int | None = None) -> tuple[list[tuple[int, int]], float]:
+        min_size = self.min_size if min_size is None else min_size
+        steps, scale = self.first.steps(h, w, min_size)
+        nh, nw = steps[-1]
+        if nh <= min_size:
+            return steps, scale
+        second = min_size / max(nh, nw)
+        return [*steps, (int(nh * second + 0.5), int(nw * second + 0.5))], scale * second
+
+
+class PadToMultiple:
+    """Pad the batch bottom/right to its largest image rounded up to a multiple of `divisor` (mmdetection,
+    detectron2: padding is 0 in normalised space, and each image's own extent is what the RPN and heads clip to).
+
+    The seed's variations are options: `pad_before_normalize` pads the 0-255 image with zeros, then normalises, so
+    padding is -mean / std; `clip_to_canvas` tells the RPN and heads that every image spans the whole padded canvas
+    (boxes clipped to it, training anchors kept inside it), whatever the image's size.
+    """
+
+    def __init__(self, divisor: int = 32, *, pad_before_normalize: bool = False, clip_to_canvas: bool = False) -> None:
+        self.divisor = divisor
+        self.pad_before_normalize = pad_before_normalize
+        self.clip_to_canvas = clip_to_canvas
+
+    def size(self, sizes: list[tuple[int, int]]) -> tuple[int, int]:
+        """(H, W) of the canvas for resized images of `sizes`."""
+        d = self.divisor
+        return -(-max(s[0] for s in sizes) // d) * d, -(-max(s[1] for s in sizes) // d) * d
+
+    def fill(self, tensor: Tensor, pixel_mean: Tensor, pixel_std: Tensor) -> None:
+        """Write the padding value into a fresh canvas `tensor` (B, 3, H, W) of zeros."""
+        if self.pad_before_normalize:
+            tensor[:] = (0.0 - pixel_mean) / pixel_std
+
+    def extents(self, sizes: list[tuple[int, int]], canvas: tuple[int, int]) -> list[tuple[int, int]]:
+        """Each image's extent as the RPN and heads see it."""
+        return [canvas] * len(sizes) if self.clip_to_canvas else list(sizes)
+
+
+class FixedCanvas(PadToMultiple):
+    """The seed's fixed canvas: every image padded into (h, w) = `size`; an image larger than it is an error."""
+
+    def __init__(self, size: tuple[int, int], *, pad_before_normalize: bool = False, clip_to_canvas: bool = False) -> None:
+        super().__init__(1, pad_before_normalize=pad_before_normalize, clip_to_canvas=clip_to_canvas)
+        self.canvas = (int(size[0]), int(size[1]))
+
+    def size(self, sizes: list[tuple[int, int]]) -> tuple[int, int]:
+        pad_h, pad_w = self.canvas
+        if any(h > pad_h or w > pad_w for h, w in sizes):
+            raise ValueError(f"resized images {sizes} do not fit the fixed canvas pad_to={self.canvas}")
+        return self.canvas
+
+
+def per_axis_factors(resized: tuple[int, int], original: tuple[int, int], scale: float) -> tuple[float, float]:
+    """(w_scale, h_scale) = (new_w / w, new_h / h): boxes go back through each axis' own factor (mmdetection)."""
+    return resized[1] / original[1], resized[0] / original[0]
+
+
+def scalar_factors(resized: tuple[int, int], original: tuple[int, int], scale: float) -> tuple[float, float]:
+    """(s, s): boxes go back through the resize scale itself on both axes (mmcv imrescale's scale, the seed's)."""
+    return scale, scale
+
 
 class Transform(nn.Module):
+    """Resize, colour order, normalisation and padding into one batch tensor, and the way back; each convention is
+    an object or a function given by `build_transform`:
+
+    - `resize`: the size rule (`KeepRatioResize`, `ShortestEdgeResize`, `SecondRescale`);
+    - `resize_pixels`: how pixels are resized (`resize_bilinear_cv2`, `resize_bilinear_pil`);
+    - `canvas`: the padding and what the network is told each image's extent is (`PadToMultiple`, `FixedCanvas`);
+    - `box_factors`: how boxes go back to original pixels (`per_axis_factors`, `scalar_factors`);
+    - `channels`: the order in which the network's first conv takes the RGB channels ((0, 1, 2), or (2, 1, 0) BGR).
+    """
+
     def __init__(
         self,
-        min_size: int = 800,
-        max_size: int = 1333,
+        *,
+        resize: KeepRatioResize,
+        resize_pixels: Callable[[Tensor, tuple[int, int]], Tensor],
+        canvas: PadToMultiple,
+        box_factors: Callable[[tuple[int, int], tuple[int, int], float], tuple[float, float]] = per_axis_factors,
         pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53),
         pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375),
-        channel_order: str = "rgb",
-        size_divisible: int = 32,
-        second_rescale: bool = False,
-        pad_to: tuple[int, int] | None = None,
-        pad_before_normalize: bool = False,
-        box_scale: str = "per_axis",
-        clip_to: str = "image",
-        resize_rule: str = "keep_ratio",
-        resize_method: str = "cv2_bilinear",
+        channels: tuple[int, int, int] = (0, 1, 2),
     ) -> None:
         super().__init__()
-        self.min_size = min_size
-        self.max_size = max_size
-        self.channel_order = channel_order
-        self.size_divisible = size_divisible
-        self.second_rescale = second_rescale
-        self.pad_to = pad_to
-        self.pad_before_normalize = pad_before_normalize
-        self.box_scale = box_scale
-        self.clip_to = clip_to
-        self.resize_rule = resize_rule
-        self.resize_method = resize_method
+        self.resize_rule = resize
+        self.resize_pixels = resize_pixels
+        self.canvas = canvas
+        self.box_factors = box_factors
+        self.channels = list(channels)
         # Constants of the config, not weights: made on the CPU even when the model is built on the meta device.
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, device="cpu").view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, device="cpu").view(3, 1, 1), persistent=False)
 
+    @property
+    def min_size(self) -> int:
+        return self.resize_rule.min_size
+
+    @property
+    def max_size(self) -> int:
+        return self.resize_rule.max_size
+
     def resize_steps(self, h: int, w: int, min_size: int | None = None) -> tuple[list[tuple[int, int]], float]:
-        """The (new_h, new_w) of each successive resize of an (h, w) image (one, or two with `second_rescale`) and the
+        """The (new_h, new_w) of each successive resize of an (h, w) image (one, or two with `SecondRescale`) and the
         overall scale s (the product of the steps' scales)."""
-        min_size = self.min_size if min_size is None else min_size
-        if self.resize_rule == "shortest_edge":
-            # detectron2 `ResizeShortestEdge.get_output_shape`, in its float order.
-            scale = min_size / min(h, w)
-            new_h, new_w = (min_size, scale * w) if h < w else (scale * h, min_size)
-            if max(new_h, new_w) > self.max_size:
-                cap = self.max_size / max(new_h, new_w)
-                new_h, new_w, scale = new_h * cap, new_w * cap, scale * cap
-            steps = [(int(new_h + 0.5), int(new_w + 0.5))]
-        else:
-            scale = min(self.max_size / max(h, w), min_size / min(h, w))
-            steps = [(int(h * scale + 0.5), int(w * scale + 0.5))]
-        if self.second_rescale and steps[0][0] > min_size:
-            # mmcv imrescale to (min_size, min_size): min(m / long, m / short) = m / long side.
-            nh, nw = steps[0]
-            second = min_size / max(nh, nw)
-            steps.append((int(nh * second + 0.5), int(nw * second + 0.5)))
-            scale *= second
-        return steps, scale
+        return self.resize_rule.steps(h, w, min_size)
 
     def resized_size(self, h: int, w: int, min_size: int | None = None) -> tuple[int, int]:
         """(new_h, new_w) for an (h, w) image."""
         return self.resize_steps(h, w, min_size)[0][-1]
+
+    def padded_size(self, h: int, w: int) -> tuple[int, int]:
+        """The (h, w) of the input tensor an (h, w) image alone is padded into."""
+        return self.canvas.size([self.resized_size(h, w)])
 
     def resize(self, image: Tensor, min_size: int | None = None) -> Tensor:
         """(3, H, W) RGB 0-255 (any dtype) -> (3, h, w) float32 at the configured scale, integer-valued."""
@@ -101,10 +203,7 @@ class Transform(nn.Module):
         for size in self.resize_steps(*image.shape[-2:], min_size)[0]:
             if size != tuple(image.shape[-2:]):
                 # Each pass is rounded to integer levels: the seed's second pass resizes the first one's uint8 output.
-                if self.resize_method == "pil_bilinear":
-                    image = resize_bilinear_pil(image, size)
-                else:
-                    image = resize_bilinear_cv2(image, size)
+                image = self.resize_pixels(image, size)
         return image
 
     def forward(
@@ -125,33 +224,18 @@ class Transform(nn.Module):
         self, resized: list[Tensor], original_sizes: list[tuple[int, int]], scales: list[float] | None = None
     ) -> ImageBatch:
         """Normalise and pad already-resized RGB images into one tensor; `original_sizes` give the scale factors
-        (and, with box_scale="scalar", `scales`: each image's resize scale s, computed from its size when not given)."""
+        (with `scalar_factors`, `scales`: each image's resize scale s, computed from its size when not given)."""
         sizes = [tuple(img.shape[-2:]) for img in resized]
-        if self.pad_to is not None:
-            pad_h, pad_w = self.pad_to
-            if any(h > pad_h or w > pad_w for h, w in sizes):
-                raise ValueError(f"resized images {sizes} do not fit the fixed canvas pad_to={self.pad_to}")
-        else:
-            d = self.size_divisible
-            pad_h = -(-max(s[0] for s in sizes) // d) * d
-            pad_w = -(-max(s[1] for s in sizes) // d) * d
-        tensor = resized[0].new_zeros((len(resized), 3, pad_h, pad_w), dtype=torch.float32)
-        if self.pad_before_normalize:
-            # Zero padding of the 0-255 image, normalised with it (the seed): padded pixels are -mean / std.
-            tensor[:] = (0.0 - self.pixel_mean) / self.pixel_std
+        canvas = self.canvas.size(sizes)
+        tensor = resized[0].new_zeros((len(resized), 3, *canvas), dtype=torch.float32)
+        self.canvas.fill(tensor, self.pixel_mean, self.pixel_std)
         for i, img in enumerate(resized):
-            if self.channel_order == "bgr":
-                img = img.flip(0)
-            # Otherwise normalise, then pad: padded pixels are 0 in normalised space (mmdetection, detectron2).
+            img = img[self.channels]
             tensor[i, :, : img.shape[1], : img.shape[2]] = (img.float() - self.pixel_mean) / self.pixel_std
-        if self.box_scale == "scalar":
-            if scales is None:
-                scales = [self.resize_steps(*size)[1] for size in original_sizes]
-            factors = [(s, s) for s in scales]
-        else:
-            factors = [(s[1] / o[1], s[0] / o[0]) for s, o in zip(sizes, original_sizes)]
-        extents = [(pad_h, pad_w)] * len(sizes) if self.clip_to == "canvas" else sizes
-        return ImageBatch(tensor, extents, list(original_sizes), factors)
+        if scales is None:
+            scales = [self.resize_steps(*size)[1] for size in original_sizes]
+        factors = [self.box_factors(s, o, scale) for s, o, scale in zip(sizes, original_sizes, scales)]
+        return ImageBatch(tensor, self.canvas.extents(sizes, canvas), list(original_sizes), factors)
 
     @staticmethod
     def to_original(boxes: Tensor, scale_factor: tuple[float, float]) -> Tensor:
@@ -159,7 +243,7 @@ class Transform(nn.Module):
         mmdetection's `scale_boxes`, so results match to the last bit)."""
         sw, sh = scale_factor
         factors = boxes.new_tensor([1 / sw, 1 / sh, 1 / sw, 1 / sh])
-        return (boxes.view(boxes.shape[0], -1, 4) * factors).view(boxes.shape)
+        return (boxes.unflatten(1, (-1, 4)) * factors).view(boxes.shape)
 
 
 def resize_bilinear_cv2(image: Tensor, size: tuple[int, int]) -> Tensor:
