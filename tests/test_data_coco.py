@@ -115,7 +115,7 @@ def test_every_problem_is_reported_with_file_and_id(tmp_path, images_dir):
         ],
     )
     with pytest.raises(DatasetError) as info:
-        load_coco(path, images_dir)
+        load_coco(path, images_dir, box_tolerance=1.0)  # strict: a box 16 px past the border is a problem too
     problems = info.value.problems
     expected_fragments = [
         "image id 2 (b.png): duplicate image id",
@@ -140,7 +140,7 @@ def test_every_problem_is_reported_with_file_and_id(tmp_path, images_dir):
         assert matches[0].startswith(str(path))
     assert "14 problem(s)" in str(info.value)
 
-    dataset = load_coco(path, images_dir, on_error="skip")
+    dataset = load_coco(path, images_dir, on_error="skip", box_tolerance=1.0)
     assert dataset.problems == problems
     # Only image 1 survives: 2 (duplicate), 3 (missing), 4 (bad size) are rejected, 5 lost its only box.
     assert [r.image_id for r in dataset.records] == [1]
@@ -263,3 +263,13 @@ def test_coco128_train_loads_with_ten_crowd_regions():
     assert np.any(np.all(np.isclose(record.boxes, [x, y, x + w, y + h]), axis=1))
     assert len(load_coco(COCO128 / "annotations" / "instances_train2017.json", COCO128 / "train2017",
                          keep_empty=False)) == 126  # fmt: skip
+
+
+def test_boxes_partly_outside_are_clipped_and_boxes_wholly_outside_reported(tmp_path, images_dir):
+    """mmdetection's rule by default: a box drawn past the border keeps its part inside the image; a box with no area
+    inside is a problem that names it."""
+    path = make_coco(tmp_path, [image_entry(1, "a.png")], [ann(1, 1, 3, [50, 40, 30, 30])])
+    np.testing.assert_allclose(load_coco(path, images_dir).records[0].boxes, [[50, 40, 64, 48]])
+    path = make_coco(tmp_path, [image_entry(1, "a.png")], [ann(1, 1, 3, [70, 50, 30, 30])])
+    with pytest.raises(DatasetError, match=r"box \[70, 50, 100, 80\] is outside the 64x48 image \(no area inside"):
+        load_coco(path, images_dir)

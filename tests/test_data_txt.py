@@ -53,7 +53,7 @@ def test_every_problem_is_reported_with_line_and_box(tmp_path):
         "c.jpg 1,1,5,5,1.5,0\n"
     )
     with pytest.raises(DatasetError) as info:
-        load_txt(ann, images, ["cat", "dog"])
+        load_txt(ann, images, ["cat", "dog"], box_tolerance=1.0)  # strict: overshoot is a problem too
     problems = info.value.problems
     expected = [
         f"{ann}: line 1 (a.jpg): box 2: box has non-positive size",
@@ -72,7 +72,7 @@ def test_every_problem_is_reported_with_line_and_box(tmp_path):
     for problem, prefix in zip(problems, expected):
         assert problem.startswith(prefix), (problem, prefix)
 
-    dataset = load_txt(ann, images, ["cat", "dog"], on_error="skip")
+    dataset = load_txt(ann, images, ["cat", "dog"], on_error="skip", box_tolerance=1.0)
     # b.jpg and c.jpg lost every box: dropped rather than kept as (false) negatives.
     assert [r.file_name for r in dataset.records] == ["a.jpg"]
     np.testing.assert_array_equal(dataset.records[0].boxes, [[1, 1, 10, 10]])

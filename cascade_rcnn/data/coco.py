@@ -47,7 +47,7 @@ def load_coco(
 
     Categories are mapped to contiguous labels 0..C-1 in ascending id order (COCO's 1..90 with gaps become 0..79), and
     `category_ids` keeps the original id of each label. Crowd annotations (``iscrowd: 1``, or mmdetection's
-    ``ignore: 1``) are kept with ``iscrowd=True``: training treats them as ignore regions. Boxes are converted from
+    ``ignore: 1``) are kept with ``iscrowd=True``: never ground truth in training (see `rpn.ignore_iof_thresh`). Boxes are converted from
     COCO's ``x, y, w, h`` to ``x1, y1, x2 = x + w, y2 = y + h``.
 
     Args:
@@ -60,7 +60,8 @@ def load_coco(
         check_files: report images whose file does not exist under `image_root`.
         check_sizes: also read each image header and report a width/height differing from the JSON (catches EXIF
             rotation and wrong files; costs one header read per image).
-        box_tolerance: pixels a box may overshoot the image before it is reported; overshoot within it is clipped.
+        box_tolerance: pixels a box may overshoot the image before it is reported (default: any; boxes partly
+            outside are clipped to it, as mmdetection does).
         max_pixels: report images above this size (they would be refused when decoded); None: no limit.
 
     Raises:

@@ -32,10 +32,11 @@ from cascade_rcnn.errors import DatasetError
 
 OnError = Literal["raise", "skip"]
 
-# Boxes may overshoot the image by this many pixels and are then clipped to it: annotation tools and rounding
-# (COCO's float boxes, YOLO's 6-digit normalised coordinates) leave boxes a fraction of a pixel outside. More than this
-# is reported as a box outside the image.
-DEFAULT_BOX_TOLERANCE = 1.0
+# How far (pixels) a box may overshoot the image; it is then clipped to it. By default any box partly outside is
+# clipped, as mmdetection does (annotation tools and rounding leave boxes outside: COCO's float boxes, YOLO's
+# 6-digit normalised coordinates, boxes drawn past the border); a box with no area inside the image is reported. A
+# finite tolerance (`box_tolerance=1.0`) also reports boxes that overshoot by more, for strict dataset checks.
+DEFAULT_BOX_TOLERANCE = math.inf
 
 
 @dataclass
@@ -48,8 +49,9 @@ class ImageRecord:
         width, height: image size in pixels as a viewer shows it (EXIF orientation applied); None when unknown.
         boxes: (N, 4) float32, absolute ``x1, y1, x2, y2`` pixels in that orientation; x2 > x1 and y2 > y1.
         labels: (N,) int64 contiguous class indices 0..C-1 into the dataset's `class_names`.
-        iscrowd: (N,) bool; True marks an ignore region (COCO crowd, VOC difficult): never a positive, never a
-            negative in training, ignored by COCO evaluation.
+        iscrowd: (N,) bool; True marks a crowd box (COCO crowd, VOC difficult): ignored by COCO evaluation, and in
+            training never a ground truth (by default it has no effect at all, as in mmdetection; see
+            `rpn.ignore_iof_thresh`).
     """
 
     file_name: str
@@ -144,7 +146,8 @@ def check_box(
     height: int | None,
     tolerance: float = DEFAULT_BOX_TOLERANCE,
 ) -> tuple[np.ndarray | None, str | None]:
-    """Validate one ``x1, y1, x2, y2`` pixel box against its image; clip overshoot within `tolerance`.
+    """Validate one ``x1, y1, x2, y2`` pixel box against its image; clip what overshoots it (by at most `tolerance`
+    pixels; more is reported).
 
     Returns:
         (clipped float64 box, None) when valid, or (None, reason) when not. The reason describes the box in words;
@@ -165,7 +168,7 @@ def check_box(
         x1, x2 = min(max(x1, 0.0), width), min(max(x2, 0.0), width)
         y1, y2 = min(max(y1, 0.0), height), min(max(y2, 0.0), height)
         if x2 <= x1 or y2 <= y1:
-            return None, f"box {_fmt_box(values)} has no area inside the {width}x{height} image"
+            return None, f"box {_fmt_box(values)} is outside the {width}x{height} image (no area inside it)"
     return np.array([x1, y1, x2, y2], np.float64), None
 
 
