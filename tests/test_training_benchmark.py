@@ -22,6 +22,9 @@ def test_train_benchmark_runs_and_writes_its_keys(tmp_path):
     figures = result["train_by_size"]["96x160"]
     assert set(figures["seconds_per_step"]) == {"cascade_fp32", "cascade_bf16", "torchvision_faster_rcnn"}
     assert figures["image_sizes"] and all(min(size) == 96 for size in figures["image_sizes"])
-    assert {"forward", "backward", "optimizer"} <= set(result["train_profile"]["cascade_fp32"]["phase_seconds"])
+    profile = result["train_profile"]
+    assert {"forward", "backward", "optimizer"} <= set(profile["cascade_fp32"]["phase_seconds"])
+    # Three box heads where torchvision has one: more FLOPs per step on the same backbone.
+    assert profile["cascade_fp32"]["gflops_per_step"] > profile["torchvision_faster_rcnn"]["gflops_per_step"] > 0
     assert result["train_settings"]["cpu"]  # the CPU and its instruction sets, recorded with every figure
     assert "ours / torchvision step time" in done.stdout and "bf16 speed-up" in done.stdout

@@ -178,8 +178,10 @@ OP_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 def profile_step(step: Callable[[], object]) -> dict[str, Any]:
     """One step under torch.profiler: seconds in forward / backward / optimiser, and self CPU seconds by `OP_KINDS`
-    and for the ten most expensive operators."""
+    and for the ten most expensive operators; and the FLOPs of another step."""
     from torch.profiler import ProfilerActivity, profile
+
+    from cascade_rcnn.benchmarks.inference import count_flops
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
@@ -196,6 +198,8 @@ def profile_step(step: Callable[[], object]) -> dict[str, Any]:
         top.append((e.self_cpu_time_total / 1e6, e.key))
     total = sum(kinds.values())
     return {
+        # Convolutions and matrix products of forward and backward (FlopCounterMode; 2 FLOPs per multiply-add).
+        "gflops_per_step": count_flops(step) / 1e9,
         "phase_seconds": phases,
         "self_seconds_by_kind": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
         "self_seconds_total": total,
@@ -382,7 +386,8 @@ def report(result: dict[str, Any]) -> str:
     for name, profile in (result.get("train_profile") or {}).items():
         phases = profile["phase_seconds"]
         lines.append(f"profile of one step, {labels[name]} (first size): "
-                     + ", ".join(f"{k} {v:.2f}s" for k, v in phases.items()))  # fmt: skip
+                     + ", ".join(f"{k} {v:.2f}s" for k, v in phases.items())
+                     + f"; {profile['gflops_per_step']:.0f} GFLOP (conv + matmul, forward and backward)")
         total = profile["self_seconds_total"]
         lines += [f"  {kind:40s} {seconds:7.2f}s {100 * seconds / total:5.1f}%"
                   for kind, seconds in profile["self_seconds_by_kind"].items()]  # fmt: skip

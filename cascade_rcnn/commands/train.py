@@ -118,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         shutdown_distributed(trainer.info)
     if trainer.info.is_main:
-        print(f"done: {result.iterations} iterations; weights {result.final_weights}")
+        stopped = f" (stopped early: train.patience = {trainer.exp.train.patience})" if result.stopped_early else ""
+        print(f"done: {result.iterations} iterations{stopped}; weights {result.final_weights}")
         if result.best:
             print(f"best {result.best['metric']} {result.best['value']:.4f} at iteration {result.best['iteration']}: "
                   f"{result.output_dir / 'best.safetensors'}")  # fmt: skip

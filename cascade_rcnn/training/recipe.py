@@ -102,52 +102,58 @@ def describe_recipe(
 
 
 def changed_from_recipe(exp: ExperimentConfig) -> list[str]:
-    """The data and train settings of `exp` that differ from its named recipe, as "key: recipe's != run's" lines
+    """The data and train settings of `exp` that differ from its named recipe, as "key recipe's -> run's" lines
     (paths and output settings left out)."""
     base = experiment_from_dict({"recipe": exp.recipe}).to_dict()
     ours = exp.to_dict()
     ignored = ("data.train_", "data.val_", "data.names", "data.num_workers", "train.output_dir", "train.device",
                "train.log_interval", "train.tensorboard")  # fmt: skip
     sections = {k: base[k] for k in ("data", "train")}, {k: ours[k] for k in ("data", "train")}
-    return [line for line in config_differences(*sections) if not line.startswith(ignored)]
+    lines = [line for line in config_differences(*sections) if not line.startswith(ignored)]
+    return [line.replace(": ", " ", 1).replace(" != ", " -> ", 1) for line in lines]
 
 
 def format_recipe(recipe: dict[str, Any]) -> str:
-    """The recipe as the few lines printed at the start of a run."""
+    """The recipe as the lines printed at the start of a run (each within about 120 columns)."""
     o, s, d, r = recipe["optimizer"], recipe["schedule"], recipe["data"], recipe["sampling"]
-    w = s["warmup"]
-    scaling = (f"{o['lr_reference']:g} per {o['lr_reference_batch']} images, scaled linearly" if o["scale_lr"]
-               else "as given, not scaled")  # fmt: skip
-    norm_decay = (f", norm affine {o['weight_decay_norm']:g}" if o["weight_decay_norm"] != o["weight_decay"]
-                  else " on all of them (biases and norm affine included)")  # fmt: skip
-    unit = "epochs" if s["unit"] == "epoch" else "iterations"
-    resize = d["resize"]
+    w, resize, rpn, heads = s["warmup"], d["resize"], r["rpn"], r["roi_heads"]
+    scaling = (f"= {o['lr_reference']:g} per {o['lr_reference_batch']} images scaled linearly to the total batch"
+               if o["scale_lr"] else "as given (not scaled)")  # fmt: skip
+    if o["weight_decay_norm"] != o["weight_decay"] and o["norm_tensors"]:
+        decay = (f"{o['weight_decay']:g} on {o['trained_tensors'] - o['norm_tensors']} trained tensors, "
+                 f"{o['weight_decay_norm']:g} on the {o['norm_tensors']} norm-layer ones")  # fmt: skip
+    else:
+        decay = f"{o['weight_decay']:g} on all {o['trained_tensors']} trained tensors, biases and norm affine included"
+    if s["unit"] == "epoch":
+        schedule = f"{s['length']} epochs, lr x{s['gamma']:g} after epochs {s['lr_steps']}"
+    else:
+        schedule = (f"{s['length']} iterations of {o['lr_reference_batch']} images, lr x{s['gamma']:g} after "
+                    f"{s['lr_steps']}")  # fmt: skip
     sizes = (f"short side one of {d['multiscale_short_sides']} per step" if d["multiscale_short_sides"]
              else f"short side {resize['short_side']}")  # fmt: skip
+    changed = recipe["changed_from_recipe"]
     lines = [
-        f"recipe {recipe['recipe']}"
-        + (f", changed: {'; '.join(recipe['changed_from_recipe'])}" if recipe["changed_from_recipe"] else
-           " (unchanged)"),  # fmt: skip
-        f"  optimizer: SGD lr {o['lr']:g} ({scaling}) for a total batch of {o['total_batch']} = "
-        f"{o['batch_per_process']} images x {o['processes']} processes x {o['accumulate']} accumulated; momentum "
-        f"{o['momentum']:g}; weight decay {o['weight_decay']:g}{norm_decay}; {o['trained_tensors']} tensors trained, "
-        f"{o['frozen_tensors']} frozen" + (f"; gradient norm clipped to {o['clip_grad_norm']:g}"
-                                           if o["clip_grad_norm"] else ""),  # fmt: skip
-        f"  schedule: {s['length']} {unit}, lr x{s['gamma']:g} after {unit} {s['lr_steps']} = iterations "
-        f"{s['lr_step_iters']} of {s['total_iters']} ({s['iters_per_epoch']} per epoch)"
-        + (f", stopping at {s['max_iters']}" if s["max_iters"] else "")
-        + f"; linear warm-up from {w['start_factor']:g} x lr over {w['iters']} iterations (full lr at iteration "
+        f"recipe {recipe['recipe']}" + (f", changed: {'; '.join(changed)}" if changed else " (unchanged)"),
+        f"  optimizer: SGD, momentum {o['momentum']:g}, lr {o['lr']:g} {scaling}",
+        f"  total batch: {o['total_batch']} = {o['batch_per_process']} images x {o['processes']} processes x "
+        f"{o['accumulate']} accumulated micro-batches",
+        f"  weight decay: {decay} ({o['frozen_tensors']} frozen)"
+        + (f"; gradient norm clipped to {o['clip_grad_norm']:g}" if o["clip_grad_norm"] else ""),
+        f"  schedule: {schedule}",
+        f"  in steps of {o['total_batch']} images: lr steps at iterations {s['lr_step_iters']} of {s['total_iters']} "
+        f"({s['iters_per_epoch']} per epoch)" + (f", stopping at {s['max_iters']}" if s["max_iters"] else ""),
+        f"  warm-up: linear from {w['start_factor']:g} x lr over {w['iters']} iterations (full lr at iteration "
         f"{w['full_lr_at_iter']})",
-        f"  data: resize {resize['rule']} ({sizes}, long side <= {resize['long_side_max']}, {resize['method']}); "
-        f"horizontal flip {d['flip_prob']:g}; padding to a multiple of {d['pad_size_divisor']}"
+        f"  data: resize {resize['rule']}, {sizes}, long side <= {resize['long_side_max']} ({resize['method']})",
+        f"        horizontal flip {d['flip_prob']:g}; padding to a multiple of {d['pad_size_divisor']}"
         + (f" (fixed canvas {d['pad_to']})" if d["pad_to"] else "")
         + f"; images without boxes {d['images_without_boxes']}",
-        f"  sampling: RPN {r['rpn']['pre_nms_top_n_per_level']} per level before NMS {r['rpn']['nms_iou']:g}, "
-        f"{r['rpn']['post_nms_top_n_per_image']} proposals per image, {r['rpn']['anchors_per_image']} anchors per "
-        f"image ({r['rpn']['positive_fraction']:g} positive); RoI heads {r['roi_heads']['rois_per_image']} per image "
-        f"({r['roi_heads']['positive_fraction']:g} positive) at IoU {r['roi_heads']['stage_ious']}, loss weights "
-        f"{r['roi_heads']['stage_loss_weights']}"
-        + (", ground truth added as proposals" if r["roi_heads"]["add_gt_as_proposals"] else ""),
+        f"  RPN: {rpn['pre_nms_top_n_per_level']} per level before NMS {rpn['nms_iou']:g}, "
+        f"{rpn['post_nms_top_n_per_image']} proposals per image; {rpn['anchors_per_image']} anchors sampled per "
+        f"image ({rpn['positive_fraction']:g} positive)",
+        f"  RoI heads: {heads['rois_per_image']} per image ({heads['positive_fraction']:g} positive"
+        + (", ground truth added" if heads["add_gt_as_proposals"] else "")
+        + f"), IoU {heads['stage_ious']}, loss weights {heads['stage_loss_weights']}",
         f"  precision: {'fp32' if recipe['precision'] == 'off' else recipe['precision'] + ' autocast'}",
     ]
     return "\n".join(lines)
