@@ -407,7 +407,7 @@ class Trainer:
                 consumed += 1
                 if len(group) < k and consumed < self.batches_per_epoch:
                     continue
-                self.step(group)
+                self.accumulated_step(group)
                 group = []
                 if t.checkpoint_interval > 0 and self.iteration % t.checkpoint_interval == 0:
                     self.save_checkpoint()
@@ -422,7 +422,13 @@ class Trainer:
                     self.run_evaluation()
                     self._check_patience()
 
-    def step(self, batches: list[tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]]) -> dict[str, float]:
+    def step(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """One optimisation step on this process's batch; returns the (local) loss values."""
+        return self.accumulated_step([(images, targets)])
+
+    def accumulated_step(
+        self, batches: list[tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]]
+    ) -> dict[str, float]:
         """One optimisation step on this process's micro-batches (`train.accumulate` of them, fewer at the end of an
         epoch): each one's losses, divided by the number of micro-batches, are backpropagated in turn (see the module
         docstring), then SGD steps once. Returns the (local) loss values, averaged over the micro-batches."""
