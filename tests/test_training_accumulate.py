@@ -107,5 +107,6 @@ def test_early_stopping_on_the_best_metric_and_the_recipe_record(tmp_path):
     assert recipe["recipe"] == "mmdet_1x" and recipe["optimizer"]["lr"] == 1e-12
     assert recipe["schedule"]["lr_step_iters"] == [] and recipe["schedule"]["total_iters"] == 12
     assert "train.lr 0.02 -> 1e-12" in recipe["changed_from_recipe"]
-    assert "recipe mmdet_1x, changed:" in text and "optimizer: SGD, momentum 0.9, lr 1e-12 as given (not scaled)" in text
+    assert "recipe mmdet_1x, changed:" in text
+    assert "optimizer: SGD, momentum 0.9, lr 1e-12 as given (not scaled)" in text
     assert "weight decay: 0.0001 on all " in text and "trained tensors, biases and norm affine included" in text
