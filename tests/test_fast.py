@@ -24,7 +24,7 @@ from cascade_rcnn.benchmarks.inference import (
 )
 from cascade_rcnn.commands.benchmark import parse_size
 from cascade_rcnn.errors import ConfigError
-from cascade_rcnn.deploy.optimize import GatherRoIAlign, fold_batch_norm, optimize_for_inference
+from cascade_rcnn.deploy.optimize import fold_batch_norm, optimize_for_inference
 from cascade_rcnn.modeling.postprocess import SPLIT_THRESHOLD, multiclass_nms
 from cascade_rcnn.modeling.roi_align import MultiScaleRoIAlign, roi_align_channels_last
 from cascade_rcnn.structures import Detections
@@ -72,7 +72,6 @@ def test_inference_copy_shares_all_weights_and_leaves_model_unchanged() -> None:
     assert {id(t) for t in [*fast.parameters(), *fast.buffers()]} == own
     assert fast.backbone is not det.model.backbone
     assert isinstance(det.model.roi_heads.roi_align, MultiScaleRoIAlign)
-    assert not isinstance(det.model.roi_heads.roi_align, GatherRoIAlign)
 
 
 def random_rois(n: int, width: float, height: float, batch: int, seed: int) -> torch.Tensor:
@@ -111,8 +110,8 @@ def test_gather_roi_align_multi_level_matches_plain() -> None:
     features = [torch.randn(2, 8, 64 // s, 96 // s, generator=gen) for s in (1, 2, 4, 8)]
     rois = random_rois(600, 380.0, 250.0, batch=2, seed=1)
     for plus_one, aligned in [(False, True), (True, False)]:
-        plain = MultiScaleRoIAlign((4, 8, 16, 32), aligned=aligned, plus_one=plus_one)
-        gather = GatherRoIAlign(plain)
+        plain = MultiScaleRoIAlign((4, 8, 16, 32), aligned=aligned, plus_one=plus_one, cpu_kernel="torchvision")
+        gather = MultiScaleRoIAlign((4, 8, 16, 32), aligned=aligned, plus_one=plus_one)
         channels_last = [f.contiguous(memory_format=torch.channels_last) for f in features]
         with torch.inference_mode():
             expected = plain(features, rois)

@@ -7,8 +7,8 @@ swaps modules and kernels only; the copy runs the model's own forward (`CascadeR
   sqrt(var + eps), computed at each call from the model's own tensors (`FoldedConv`): one pass over each activation
   map fewer, for one multiply over the weights (about 1% of a forward) and no second copy of the backbone;
 - backbone, FPN and RPN head run channels-last (NHWC), oneDNN's native layout: no reorders around each convolution;
-- RoIAlign as weighted sums of channels-last feature rows (`roi_align_channels_last`): several times faster than
-  torchvision's single-threaded CPU kernel, and the maps need no NCHW copy; RoIs pooled and classified 512 at a time;
+- RoIAlign (`roi_align_channels_last`, the model's own CPU kernel) reads the channels-last maps with no copy; RoIs
+  pooled and classified 512 at a time;
 - optionally (`bf16=True`) convolutions and linear layers in bfloat16 (box arithmetic stays float32).
 
 The float32 copy shares every parameter and buffer with the original, so it costs no weights memory, follows any
@@ -23,7 +23,6 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from cascade_rcnn.modeling.roi_align import MultiScaleRoIAlign, roi_align_channels_last
 
 
 def fold_batch_norm(module: nn.Module, lazy: bool = False) -> nn.Module:
@@ -86,22 +85,6 @@ class ChannelsLast(nn.Module):
         return self.body(x.contiguous(memory_format=torch.channels_last))
 
 
-class GatherRoIAlign(MultiScaleRoIAlign):
-    """`MultiScaleRoIAlign` that pools channels-last CPU feature maps with `roi_align_channels_last` (weighted row
-    sums, vectorised over channels and threaded), instead of torchvision's kernel, which runs on one thread and would
-    first copy each channels-last map to NCHW at every call. Other devices, and tracing for export, keep torchvision's
-    kernel. Outputs equal torchvision's up to float rounding."""
-
-    def __init__(self, source: MultiScaleRoIAlign) -> None:
-        nn.Module.__init__(self)
-        self.__dict__.update({k: v for k, v in source.__dict__.items() if not k.startswith("_")})
-
-    def pool_level(self, feature: Tensor, rois: Tensor, stride: int, aligned: bool) -> Tensor:
-        if feature.device.type != "cpu" or torch.jit.is_tracing():
-            return super().pool_level(feature, rois, stride, aligned)
-        return roi_align_channels_last(feature, rois, self.output_size, 1.0 / stride, self.sampling_ratio, aligned)
-
-
 class BFloat16(nn.Module):
     """Runs `body` under bfloat16 autocast (convolutions and linear layers in bf16, accumulating in fp32); its tensor
     outputs come back as float32, so that box arithmetic never runs in bf16."""
@@ -139,7 +122,6 @@ def optimize_for_inference(model: nn.Module, bf16: bool = False) -> nn.Module:
     """
     fast = _shallow_copy(model)
     fast.roi_heads = _shallow_copy(model.roi_heads)
-    fast.roi_heads.roi_align = GatherRoIAlign(model.roi_heads.roi_align)
     fast.roi_heads.rois_per_chunk = ROIS_PER_CHUNK
     if not bf16:
         fast.backbone = fold_batch_norm(_structure_copy(model.backbone), lazy=True)
