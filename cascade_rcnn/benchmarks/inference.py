@@ -185,17 +185,22 @@ def _proc_status_mb(field: str) -> float:
 
 
 def _measure_peak_rss(kind: str, weights: Path, image: Path, threads: int) -> tuple[float, float]:
+    return peak_rss_in_child(
+        "cascade_rcnn.benchmarks.inference", f"peak_rss_child({kind!r}, {str(weights)!r}, {str(image)!r}, {threads})"
+    )
+
+
+def peak_rss_in_child(module: str, call: str) -> tuple[float, float]:
+    """(peak RSS, runtime RSS) in MB that `module.call` (a Python expression returning them) reports when run in a
+    fresh Python process, so that one measurement's peak is not another's."""
     import os
     import subprocess
     import sys
 
-    code = (
-        "import json; from cascade_rcnn.benchmarks.inference import peak_rss_child; "
-        f"print(json.dumps(peak_rss_child({kind!r}, {str(weights)!r}, {str(image)!r}, {threads})))"
-    )
+    code = f"import json, {module} as m; print(json.dumps(m.{call}))"
     env = dict(os.environ)
-    # The child imports this package from where this process found it.
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    # The child imports this package from where this process found it (the repository root).
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"peak-memory child process failed:\n{out.stderr[-2000:]}")

@@ -22,8 +22,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -229,17 +227,10 @@ def peak_rss_child(kind: str, weights: str, settings: str) -> tuple[float, float
 
 
 def measure_peak_rss(kind: str, weights: Path, settings: dict[str, Any]) -> tuple[float, float]:
-    code = (
-        "import json; from cascade_rcnn.benchmarks.training import peak_rss_child; "
-        f"print(json.dumps(peak_rss_child({kind!r}, {str(weights)!r}, {json.dumps(settings)!r})))"
-    )
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"peak-memory child process failed:\n{out.stderr[-2000:]}")
-    peak, runtime = json.loads(out.stdout.strip().splitlines()[-1])
-    return float(peak), float(runtime)
+    from cascade_rcnn.benchmarks.inference import peak_rss_in_child
+
+    call = f"peak_rss_child({kind!r}, {str(weights)!r}, {json.dumps(settings)!r})"
+    return peak_rss_in_child("cascade_rcnn.benchmarks.training", call)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
