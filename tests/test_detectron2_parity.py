@@ -43,7 +43,6 @@ from cascade_rcnn.config import get_preset
 from cascade_rcnn.data.image_io import load_image
 from cascade_rcnn.io.detectron2 import PRESET
 from cascade_rcnn.modeling.detector import build_model
-from cascade_rcnn.modeling.detector import rois_to_proposals
 from cascade_rcnn.modeling.postprocess import multiclass_nms
 from cascade_rcnn.modeling.roi_align import MultiScaleRoIAlign
 from cascade_rcnn.modeling.transform import (
@@ -284,10 +283,10 @@ def test_detections_from_recorded_input(detector, network, records, i):
     record, run = records[i], network(i)
     model = detector.model
     with torch.inference_mode():
-        proposals = rois_to_proposals(model.rpn(run.pyramid, run.batch.image_sizes)[0], 1)
-        candidates = model.roi_heads.predict(run.pyramid, proposals, run.batch.image_sizes)[0]
-        det = model.postprocess_image(candidates["boxes"], candidates["scores"], run.batch.scale_factors[0],
-                           run.batch.original_sizes[0])
+        rois = model.rpn(run.pyramid, run.batch.image_sizes)[0]
+        sizes = torch.tensor(run.batch.image_sizes, dtype=torch.float32)
+        scores, stage_boxes, _ = model.roi_heads.predict_rois(run.pyramid, rois, sizes)
+        det = model.postprocess_image(stage_boxes[-1], scores, run.batch.scale_factors[0], run.batch.original_sizes[0])
     rate = _report_detections(f"image {i} (recorded input)", det, record)
     assert rate >= MIN_DETECTION_MATCH
 

@@ -53,7 +53,7 @@ from cascade_rcnn.cli import main
 from cascade_rcnn.evaluation.coco import COCO_CATEGORY_IDS, detections_to_coco
 from cascade_rcnn.io.mindspore import PRESET
 from cascade_rcnn.modeling.cascade_heads import REFINE_RULES
-from cascade_rcnn.modeling.detector import CascadeRCNN, rois_to_proposals
+from cascade_rcnn.modeling.detector import CascadeRCNN
 from cascade_rcnn.modeling.transform import ImageBatch
 
 INPUT_ATOL = 1e-5
@@ -132,7 +132,7 @@ def run_image(model: CascadeRCNN, ref: dict[str, np.ndarray]) -> ImageRun:
     tensor = batch.tensor[0].double()
     backbone = model.backbone(batch.tensor)
     features = model.fpn(backbone)
-    proposals = rois_to_proposals(model.rpn(features, batch.image_sizes)[0], 1)
+    proposal_rois = model.rpn(features, batch.image_sizes)[0]
     run = ImageRun(
         ref=ref,
         batch=batch,
@@ -142,7 +142,7 @@ def run_image(model: CascadeRCNN, ref: dict[str, np.ndarray]) -> ImageRun:
         channel_std=tensor.std(dim=(1, 2), unbiased=False).numpy(),
         backbone_stats=[feature_stats(c) for c in backbone],
         fpn_stats=[feature_stats(p) for p in features],
-        proposals=proposals[0],
+        proposals=proposal_rois[:, 1:],
     )
     heads = model.roi_heads
     sizes = torch.tensor(batch.image_sizes, dtype=torch.float32)
@@ -159,9 +159,9 @@ def run_image(model: CascadeRCNN, ref: dict[str, np.ndarray]) -> ImageRun:
             run.candidate_scores = scores
             run.candidate_boxes = model.transform.to_original(boxes, batch.scale_factors[0]).view(-1, NUM_CLASSES, 4)
             run.detections = model.postprocess_image(boxes, scores, batch.scale_factors[0], batch.original_sizes[0])
-    candidates = heads.predict(features, proposals, batch.image_sizes)[0]
+    scores, stage_boxes, _ = heads.predict_rois(features, proposal_rois, sizes)
     run.own_detections = model.postprocess_image(
-        candidates["boxes"], candidates["scores"], batch.scale_factors[0], batch.original_sizes[0]
+        stage_boxes[-1], scores, batch.scale_factors[0], batch.original_sizes[0]
     )
     return run
 

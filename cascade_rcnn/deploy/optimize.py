@@ -24,7 +24,6 @@ from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
 
-
 def fold_batch_norm(module: nn.Module, lazy: bool = False) -> nn.Module:
     """Fold every FrozenBatchNorm2d that directly follows a convolution into it, in place; returns `module`.
 

@@ -112,27 +112,6 @@ class CascadeROIHeads(nn.Module):
         labels = labels.clamp(max=boxes.shape[1] - 1)
         return boxes[torch.arange(boxes.shape[0], device=boxes.device), labels]
 
-    def predict(
-        self, features: list[Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]]
-    ) -> list[dict[str, Tensor]]:
-        """Pre-NMS candidates per image, in the resized frame.
-
-        Returns, per image, `boxes` (N, 4) or (N, 4K) from the last stage, `scores` (N, K) foreground scores of the
-        configured ensemble, and `stage_boxes` / `stage_scores`: the same for each stage on its own.
-        """
-        sizes = torch.tensor(image_sizes, dtype=torch.float32, device=features[0].device).reshape(-1, 2)
-        scores, stage_boxes, stage_scores = self.predict_rois(features, proposals_to_rois(proposals), sizes)
-        counts = [len(p) for p in proposals]
-        per_image = zip(
-            scores.split(counts),
-            stage_boxes[-1].split(counts),
-            zip(*[s.split(counts) for s in stage_scores]),
-            zip(*[b.split(counts) for b in stage_boxes]),
-        )
-        return [
-            {"boxes": b, "scores": s, "stage_scores": list(ss), "stage_boxes": list(sb)} for s, b, ss, sb in per_image
-        ]
-
     def predict_rois(
         self, features: list[Tensor], rois: Tensor, image_sizes: Tensor
     ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
@@ -250,6 +229,13 @@ class CascadeROIHeads(nn.Module):
 def proposals_to_rois(proposals: list[Tensor]) -> Tensor:
     """[(K_i, 4)] per image -> (sum K_i, 5) rows [batch_idx, x1, y1, x2, y2]."""
     return torch.cat([torch.cat([p.new_full((len(p), 1), i), p], dim=1) for i, p in enumerate(proposals)])
+
+
+def rois_to_proposals(rois: Tensor, num_images: int) -> list[Tensor]:
+    """RoIs (R, 5) = [image, x1, y1, x2, y2] grouped by image -> boxes (K_i, 4) per image (`proposals_to_rois`'s
+    inverse)."""
+    counts = torch.bincount(rois[:, 0].long(), minlength=num_images).tolist()
+    return list(rois[:, 1:].split(counts))
 
 
 def refine_by_label(logits: Tensor, labels: Tensor | None, num_classes: int) -> Tensor:

@@ -19,6 +19,7 @@ from cascade_rcnn.modeling.cascade_heads import (
     SCORE_ENSEMBLES,
     BoxHead,
     CascadeROIHeads,
+    rois_to_proposals,
 )
 from cascade_rcnn.modeling.fpn import FPN
 from cascade_rcnn.modeling.matcher import Matcher
@@ -131,12 +132,6 @@ class CascadeRCNN(nn.Module):
         sizes = torch.tensor([original_size], dtype=torch.int64, device=device)
         boxes, scores, labels, _ = self.postprocessor(boxes, scores, images, factors, sizes)
         return Detections(boxes, scores, labels)
-
-
-def rois_to_proposals(rois: Tensor, num_images: int) -> list[Tensor]:
-    """RoIs (R, 5) = [image, x1, y1, x2, y2] grouped by image -> boxes (K_i, 4) per image."""
-    counts = torch.bincount(rois[:, 0].long(), minlength=num_images).tolist()
-    return list(rois[:, 1:].split(counts))
 
 
 def split_by_image(detections: tuple[Tensor, ...], num_images: int) -> list[Detections]:

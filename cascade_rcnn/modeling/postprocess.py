@@ -31,6 +31,7 @@ from torchvision.ops import batched_nms as torchvision_batched_nms
 from torchvision.ops import nms
 
 from cascade_rcnn.modeling.box_coder import clip_boxes
+from cascade_rcnn.modeling.transform import boxes_to_original
 
 SPLIT_THRESHOLD = 10000
 NMSKind = Literal["offset", "per_class", "torchvision"]
@@ -166,14 +167,6 @@ class ImageNMS(torch.autograd.Function):
         )
         # Rows are [batch 0, class = image, box index].
         return g.op("Gather", selected, g.op("Constant", value_t=torch.tensor([1, 2])), axis_i=1)
-
-
-def boxes_to_original(boxes: Tensor, scale_factors: Tensor) -> Tensor:
-    """Boxes (N, 4k) from the resized frame back to original pixels; `scale_factors` (N, 2) float64 (w_scale,
-    h_scale) of each box's image. Multiplies by the float64 reciprocals rounded to float32, as mmdetection's
-    `scale_boxes`, so results match to the last bit."""
-    factors = (1.0 / scale_factors).to(boxes.dtype).repeat(1, 2)  # (N, 4): 1/sw, 1/sh, 1/sw, 1/sh
-    return (boxes.unflatten(1, (-1, 4)) * factors[:, None, :]).reshape(boxes.shape)
 
 
 class PostProcessor:

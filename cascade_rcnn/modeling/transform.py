@@ -239,11 +239,17 @@ class Transform(nn.Module):
 
     @staticmethod
     def to_original(boxes: Tensor, scale_factor: tuple[float, float]) -> Tensor:
-        """Boxes (N, 4k) from the resized frame back to original pixels (multiplying by float64 reciprocals, as
-        mmdetection's `scale_boxes`, so results match to the last bit)."""
-        sw, sh = scale_factor
-        factors = boxes.new_tensor([1 / sw, 1 / sh, 1 / sw, 1 / sh])
-        return (boxes.unflatten(1, (-1, 4)) * factors).view(boxes.shape)
+        """Boxes (N, 4k) of one image from the resized frame back to original pixels (`boxes_to_original`)."""
+        factors = torch.tensor([scale_factor], dtype=torch.float64, device=boxes.device).expand(boxes.shape[0], 2)
+        return boxes_to_original(boxes, factors)
+
+
+def boxes_to_original(boxes: Tensor, scale_factors: Tensor) -> Tensor:
+    """Boxes (N, 4k) from the resized frame back to original pixels; `scale_factors` (N, 2) float64 (w_scale,
+    h_scale) of each box's image. Multiplies by the float64 reciprocals rounded to float32, as mmdetection's
+    `scale_boxes`, so results match to the last bit."""
+    factors = (1.0 / scale_factors).to(boxes.dtype).repeat(1, 2)  # (N, 4): 1/sw, 1/sh, 1/sw, 1/sh
+    return (boxes.unflatten(1, (-1, 4)) * factors[:, None, :]).reshape(boxes.shape)
 
 
 def resize_bilinear_cv2(image: Tensor, size: tuple[int, int]) -> Tensor:
