@@ -93,9 +93,7 @@ def run(args: argparse.Namespace) -> int:
     )
     result = run_benchmark(settings, log=lambda line: print(line, file=sys.stderr, flush=True))
     print(report(result))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)
     return 0
 
 
@@ -107,9 +105,7 @@ def run_bf16_accuracy(args: argparse.Namespace) -> int:
     result = compare_bf16(args.bf16_accuracy, args.images, args.annotations, threads=args.threads,
                           log=lambda line: print(line, file=sys.stderr, flush=True))  # fmt: skip
     print(report_bf16(result))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)
     return 0
 
 
@@ -124,7 +120,12 @@ def run_train(args: argparse.Namespace) -> int:
                                       torchvision=not args.no_torchvision, profile=args.train_profile)  # fmt: skip
     result = run_train_benchmark(settings, log=lambda line: print(line, file=sys.stderr, flush=True))
     print(report(result))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)
     return 0
+
+
+def write_json(path: Path | None, result: dict) -> None:
+    """The figures as JSON at `path` (`--json`), when given."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")

@@ -85,18 +85,20 @@ class RegionProposalNetwork(nn.Module):
         (`proposal_score` of the logits, or the logits), and, when `targets` are given, the RPN losses.
         `image_sizes`: (h, w) of each image, (B, 2) or a list."""
         logits, deltas = self.head(features)
-        anchors = self.anchor_generator([f.shape[-2:] for f in features], features[0].device)
-        sizes = image_sizes
-        if not isinstance(sizes, Tensor):
+        feature_sizes = [f.shape[-2:] for f in features]
+        anchors = self.anchor_generator(feature_sizes, features[0].device)
+        if isinstance(image_sizes, Tensor):
+            sizes = image_sizes.float()
+        else:
             sizes = torch.tensor(image_sizes, dtype=torch.float32, device=features[0].device).reshape(-1, 2)
         # Losses are always computed with the training proposal counts (mmdetection's `rpn_proposal`), whether or not
         # the module is in training mode: `model(images, targets)` is the training computation.
         mode = "train" if targets is not None else "test"
         with torch.no_grad():
-            rois, scores = self.propose(logits, deltas, anchors, sizes.float(), mode)
+            rois, scores = self.propose(logits, deltas, anchors, sizes, mode)
         losses: dict[str, Tensor] = {}
         if targets is not None:
-            losses = self.loss(logits, deltas, anchors, [f.shape[-2:] for f in features], image_sizes, targets)
+            losses = self.loss(logits, deltas, anchors, feature_sizes, image_sizes, targets)
         return rois, scores, losses
 
     def propose(

@@ -62,7 +62,6 @@ from cascade_rcnn.training import checkpoint as ckpt
 from cascade_rcnn.training.config import (
     ExperimentConfig,
     config_differences,
-    counts_iterations,
     experiment_from_dict,
     resolve_model_config,
     resolve_schedule,
@@ -76,7 +75,6 @@ from cascade_rcnn.training.data import (
     report_problems,
 )
 from cascade_rcnn.training.distributed import (
-    DistInfo,
     any_flags,
     barrier,
     init_distributed,
