@@ -12,7 +12,8 @@ class Detections:
     """Detections of one image, in original-image pixels.
 
     boxes: (N, 4) float32 xyxy; scores: (N,); labels: (N,) int64 indices into `class_names`; sorted by decreasing
-    score. `stages` (when asked for) holds each cascade stage's own detections: its own scores and boxes, after NMS.
+    score. `masks` (mask models only): (N, H, W) bool instance masks over the original image. `stages` (when asked
+    for) holds each cascade stage's own detections: its own scores and boxes, after NMS.
     """
 
     boxes: Tensor
@@ -20,6 +21,7 @@ class Detections:
     labels: Tensor
     class_names: tuple[str, ...] = ()
     stages: list[Detections] | None = field(default=None, repr=False)
+    masks: Tensor | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return self.boxes.shape[0]
@@ -35,9 +37,11 @@ class Detections:
 
     def to(self, device: str) -> Detections:
         stages = None if self.stages is None else [s.to(device) for s in self.stages]
+        masks = None if self.masks is None else self.masks.to(device)
         return replace(self, boxes=self.boxes.to(device), scores=self.scores.to(device),
-                       labels=self.labels.to(device), stages=stages)
+                       labels=self.labels.to(device), stages=stages, masks=masks)
 
     def filter(self, score_thresh: float) -> Detections:
         keep = self.scores >= score_thresh
-        return replace(self, boxes=self.boxes[keep], scores=self.scores[keep], labels=self.labels[keep])
+        masks = None if self.masks is None else self.masks[keep]
+        return replace(self, boxes=self.boxes[keep], scores=self.scores[keep], labels=self.labels[keep], masks=masks)

@@ -81,9 +81,10 @@ def test_reference_checkpoint_converts_with_nothing_missing_or_unexpected(
         np.testing.assert_array_equal(own[detectron2_to_project_name(name)].numpy(), reference_arrays[name])
 
 
-def test_published_layout_with_mask_branch_loads_and_reports_it(tmp_path, reference_arrays):
-    """A published Cascade *Mask* R-CNN file: its mask_head tensors are skipped and listed; extra top-level keys
-    (`matching_heuristics`) are accepted; a `.pkl` selects the detectron2 preset."""
+def test_published_layout_with_mask_branch_loads_it(tmp_path, reference_arrays):
+    """A published Cascade *Mask* R-CNN file selects the detectron2 mask preset and loads its mask head; extra
+    top-level keys (`matching_heuristics`) are accepted. With the box preset asked for, the mask head is skipped and
+    listed."""
     model = OrderedDict(reference_arrays)
     rng = np.random.default_rng(0)
     for name, shape in MASK_HEAD.items():
@@ -92,11 +93,18 @@ def test_published_layout_with_mask_branch_loads_and_reports_it(tmp_path, refere
     with open(path, "wb") as f:
         pickle.dump({"model": model, "__author__": "Detectron2 Model Zoo", "matching_heuristics": True}, f, protocol=4)
     detector = Detector.from_weights(path)
-    assert detector.preset == PRESET
-    assert detector.config.transform.channel_order == "bgr"
+    assert detector.preset == "cascade_mask_rcnn_r50_fpn_detectron2"
+    assert detector.config.transform.channel_order == "bgr" and detector.config.mask.heads == "single"
     report = detector.load_report
+    assert (len(report.loaded), report.missing, report.unexpected, report.skipped) == (311 + len(MASK_HEAD), [], [], [])
+    np.testing.assert_array_equal(
+        detector.model.mask_heads.heads[0].logits.weight.detach().numpy(), model["roi_heads.mask_head.predictor.weight"]
+    )
+    box_only = Detector.from_weights(path, preset=PRESET)
+    assert box_only.model.mask_heads is None
+    report = box_only.load_report
     assert (len(report.loaded), report.missing, report.unexpected) == (311, [], [])
-    assert sorted(report.skipped) == sorted(MASK_HEAD)
+    assert sorted(report.skipped) == sorted(detectron2_to_project_name(n) for n in MASK_HEAD)
     assert f"skipped (not part of this model): {len(MASK_HEAD)}" in report.summary()
 
 

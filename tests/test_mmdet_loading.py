@@ -103,7 +103,9 @@ def test_name_map_examples() -> None:
     assert mmdet_to_project_name("rpn_head.rpn_reg.weight") == "rpn.head.bbox_pred.weight"
     assert mmdet_to_project_name("roi_head.bbox_head.2.shared_fcs.1.bias") == "roi_heads.box_heads.2.shared_fcs.1.bias"
     assert mmdet_to_project_name("roi_head.bbox_head.0.fc_cls.bias") == "roi_heads.box_heads.0.fc_cls.bias"
-    assert mmdet_to_project_name("roi_head.mask_head.0.convs.0.conv.weight") is None
+    assert mmdet_to_project_name("roi_head.mask_head.0.convs.0.conv.weight") == "mask_heads.heads.0.convs.0.weight"
+    assert mmdet_to_project_name("roi_head.mask_head.2.upsample.bias") == "mask_heads.heads.2.upsample.bias"
+    assert mmdet_to_project_name("roi_head.mask_head.1.conv_logits.weight") == "mask_heads.heads.1.logits.weight"
     assert mmdet_to_project_name("neck.fpn_convs.0.conv.weight.extra") is None
 
 
@@ -145,12 +147,12 @@ def test_a_missing_tensor_is_an_error_that_names_it() -> None:
         load_into_model(model, converted)
 
 
-def test_mask_branch_is_skipped_and_unknown_names_are_reported() -> None:
+def test_branches_not_in_the_model_are_skipped_and_unknown_names_are_reported() -> None:
     sd = small_mmdet_checkpoint()
-    sd["roi_head.mask_head.0.convs.0.conv.weight"] = torch.zeros(1)
+    sd["roi_head.semantic_head.conv_logits.weight"] = torch.zeros(1)
     sd["some_new_head.weight"] = torch.zeros(1)
     converted, skipped = convert_mmdet_state_dict(sd)
-    assert skipped == ["roi_head.mask_head.0.convs.0.conv.weight"]
+    assert skipped == ["roi_head.semantic_head.conv_logits.weight"]
     assert "some_new_head.weight" in converted  # passes through: the load report lists it as unexpected
     assert not any(name.endswith("num_batches_tracked") for name in converted)
 

@@ -223,7 +223,7 @@ def recorded_stage_results(heads, features, record, targets, image_sizes) -> lis
     with torch.no_grad():
         for stage in range(3):
             proposals = recorded_stage_inputs(record, stage)
-            rois, labels, reg_targets, is_gt = heads.sample_stage(stage, proposals, targets, image_sizes)
+            rois, labels, reg_targets, is_gt, _ = heads.sample_stage(stage, proposals, targets, image_sizes)
             logits, deltas = heads.run_stage(stage, features, rois)
             loss_cls, loss_box = heads.stage_losses(logits, deltas, labels, reg_targets)
             acc = float((logits.argmax(dim=1) == labels).float().mean() * 100)

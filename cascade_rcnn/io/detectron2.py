@@ -22,9 +22,11 @@ another. The tensors need only a name map:
 
 The layouts agree without reordering: detectron2's `cls_score` has background last (row num_classes), as the project's
 `fc_cls`; `anchor_deltas` channels are anchor * 4 + k, as `bbox_pred`; `bbox_pred` of the cascade is class-agnostic (4
-rows). The published files are Cascade *Mask* R-CNN: their `roi_heads.mask_head.*` tensors are skipped and listed as
-such in the load report. Buffers that older detectron2 versions saved but that the config decides here (`pixel_mean`,
-`pixel_std`, the anchor generator's `cell_anchors`) are skipped too. Anything else unmapped passes through under its
+rows). The published files are Cascade *Mask* R-CNN: their one mask head maps to the project's single mask head
+(`mask_fcn{1..4}` -> `mask_heads.heads.0.convs.{0..3}`, `deconv` -> `upsample`, `predictor` -> `logits`), and the mask
+preset is inferred; with a box-only preset asked for, those tensors are skipped and listed as such in the load
+report. Buffers that older detectron2 versions saved but that the config decides here (`pixel_mean`, `pixel_std`, the
+anchor generator's `cell_anchors`) are skipped too. Anything else unmapped passes through under its
 own name and shows up as unexpected.
 """
 
@@ -41,14 +43,17 @@ from torch import Tensor
 
 from cascade_rcnn.config import ModelConfig, get_preset
 from cascade_rcnn.errors import CheckpointError
+from cascade_rcnn.io.mmdet import has_mask_heads, skip_mask_heads
 from cascade_rcnn.io.weights import Checkpoint
 
 PRESET = "cascade_rcnn_r50_fpn_detectron2"
+MASK_PRESET = "cascade_mask_rcnn_r50_fpn_detectron2"
 
 _NORM = r"(weight|bias|running_mean|running_var)"
 _FPN = {"lateral": "lateral_convs", "output": "fpn_convs"}
 _RPN = {"conv": "conv", "objectness_logits": "cls_logits", "anchor_deltas": "bbox_pred"}
 _PREDICTOR = {"cls_score": "fc_cls", "bbox_pred": "fc_reg"}
+_MASK = {"deconv": "upsample", "predictor": "logits"}
 
 
 def _res(match: re.Match[str]) -> str:
@@ -92,13 +97,23 @@ NAME_MAP: list[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]] = [
         re.compile(r"roi_heads\.box_predictor\.(\d+)\.(cls_score|bbox_pred)\.(weight|bias)"),
         lambda m: f"roi_heads.box_heads.{m.group(1)}.{_PREDICTOR[m.group(2)]}.{m.group(3)}",
     ),
+    (
+        re.compile(r"roi_heads\.mask_head\.mask_fcn([1-9])\.(weight|bias)"),
+        lambda m: f"mask_heads.heads.0.convs.{int(m.group(1)) - 1}.{m.group(2)}",
+    ),
+    (
+        re.compile(r"roi_heads\.mask_head\.(deconv|predictor)\.(weight|bias)"),
+        lambda m: f"mask_heads.heads.0.{_MASK[m.group(1)]}.{m.group(2)}",
+    ),
 ]
 
 # Parts of a detectron2 checkpoint that this detector does not have, or that its config decides.
-SKIPPED_PREFIXES = ("roi_heads.mask_head.", "roi_heads.keypoint_head.", "proposal_generator.anchor_generator.")
+SKIPPED_PREFIXES = ("roi_heads.keypoint_head.", "proposal_generator.anchor_generator.")
 SKIPPED_NAMES = ("pixel_mean", "pixel_std")
 # Names only a detectron2 model has (the project's own names use `roi_heads.box_heads.`, never `roi_heads.box_head.`).
-DETECTRON2_PREFIXES = ("backbone.bottom_up.", "proposal_generator.", "roi_heads.box_head.", "roi_heads.box_predictor.")
+DETECTRON2_PREFIXES = (
+    "backbone.bottom_up.", "proposal_generator.", "roi_heads.box_head.", "roi_heads.box_predictor.", "roi_heads.mask_head."
+)
 
 
 def detectron2_to_project_name(name: str) -> str | None:
@@ -139,7 +154,8 @@ def convert_detectron2_state_dict(state_dict: Mapping[str, Tensor]) -> tuple[dic
 def infer_config(state_dict: Mapping[str, Tensor], preset: str | None) -> tuple[ModelConfig, str]:
     """The config of a converted (project-named) detectron2 state_dict.
 
-    Without a `preset`, the detectron2 preset with the checkpoint's ResNet depth (the number of `res4` blocks: 6 or
+    Without a `preset`, the detectron2 preset (the mask one when the file has a mask head) with the checkpoint's ResNet
+    depth (the number of `res4` blocks: 6 or
     23); ResNeXt files are refused, since detectron2's ResNeXt configs change what the tensors cannot tell (stride on
     the 3x3 conv, another pixel std). With a `preset`, that preset. Either way the class count comes
     from `cls_score` (background is its last row) and class-agnostic regression from `bbox_pred` (4 rows). detectron2
@@ -171,14 +187,15 @@ def infer_config(state_dict: Mapping[str, Tensor], preset: str | None) -> tuple[
         fc_reg = state_dict.get("roi_heads.box_heads.0.fc_reg.weight")
         if fc_reg is not None:
             overrides["cascade.class_agnostic"] = fc_reg.shape[0] == 4
-    config = get_preset(preset or PRESET, **overrides)
+    default = MASK_PRESET if has_mask_heads(state_dict) else PRESET
+    preset = preset or default
+    config = get_preset(preset, **overrides)
     stages = {int(m.group(1)) for n in state_dict if (m := re.fullmatch(r"roi_heads\.box_heads\.(\d+)\..+", n))}
     if stages and len(stages) != len(config.cascade.stage_ious):
         raise CheckpointError(
-            f"checkpoint has {len(stages)} cascade stages, preset {preset or PRESET!r} has "
-            f"{len(config.cascade.stage_ious)}"
+            f"checkpoint has {len(stages)} cascade stages, preset {preset!r} has {len(config.cascade.stage_ious)}"
         )
-    return config, preset or PRESET
+    return config, preset
 
 
 def detectron2_checkpoint(
@@ -187,7 +204,7 @@ def detectron2_checkpoint(
     """A `Checkpoint` from a detectron2-named state_dict (of a `.pkl` or a trainer `.pth`)."""
     converted, skipped = convert_detectron2_state_dict(state_dict)
     config, preset_name = infer_config(converted, preset)
-    return Checkpoint(config, converted, preset_name, source_format, skipped)
+    return Checkpoint(config, skip_mask_heads(config, converted, skipped), preset_name, source_format, skipped)
 
 
 def convert_detectron2_pkl(path: Path, preset: str | None = None) -> Checkpoint:

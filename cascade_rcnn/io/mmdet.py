@@ -9,10 +9,12 @@ The project's default presets follow mmdetection 3.x semantics, so a checkpoint 
     rpn_head.rpn_cls.*                                    rpn.head.cls_logits.*
     rpn_head.rpn_reg.*                                    rpn.head.bbox_pred.*
     roi_head.bbox_head.{s}.{shared_fcs.{j},fc_cls,fc_reg}.*   roi_heads.box_heads.{s}.{...}.*
+    roi_head.mask_head.{s}.convs.{i}.conv.*               mask_heads.heads.{s}.convs.{i}.*   (Cascade Mask R-CNN)
+    roi_head.mask_head.{s}.{upsample,conv_logits}.*       mask_heads.heads.{s}.{upsample,logits}.*
 
 `*.num_batches_tracked` (a batch-norm step counter; the project's batch norm is frozen and has none) is dropped. Tensors
-of branches this model does not have (`roi_head.mask_head.*` of Cascade Mask R-CNN, `roi_head.semantic_head.*`) are
-listed as skipped. Any other name passes through unchanged, so the load report shows it as unexpected.
+of branches this model does not have (`roi_head.semantic_head.*` of HTC; the mask heads when a box-only preset is
+asked for) are listed as skipped. Any other name passes through unchanged, so the load report shows it as unexpected.
 
 The architecture is read from the tensors: depth from the number of `layer3` blocks, ResNeXt groups and width from
 `layer1.0.conv2`, class count from `fc_cls`, class-agnostic regression from `fc_reg`; class names from `meta`
@@ -42,10 +44,13 @@ NAME_MAP: list[tuple[re.Pattern[str], str]] = [
         re.compile(r"roi_head\.bbox_head\.(\d+)\.(shared_fcs\.\d+|fc_cls|fc_reg)\.(weight|bias)"),
         r"roi_heads.box_heads.\1.\2.\3",
     ),
+    (re.compile(r"roi_head\.mask_head\.(\d+)\.convs\.(\d+)\.conv\.(weight|bias)"), r"mask_heads.heads.\1.convs.\2.\3"),
+    (re.compile(r"roi_head\.mask_head\.(\d+)\.upsample\.(weight|bias)"), r"mask_heads.heads.\1.upsample.\2"),
+    (re.compile(r"roi_head\.mask_head\.(\d+)\.conv_logits\.(weight|bias)"), r"mask_heads.heads.\1.logits.\2"),
 ]
 # Parts of mmdetection models that this detector does not have.
-SKIPPED_PREFIXES = ("roi_head.mask_head.", "roi_head.mask_roi_extractor.", "roi_head.semantic_head.")
-PROJECT_PREFIXES = ("fpn.", "rpn.head.", "roi_heads.box_heads.")
+SKIPPED_PREFIXES = ("roi_head.mask_roi_extractor.", "roi_head.semantic_head.")
+PROJECT_PREFIXES = ("fpn.", "rpn.head.", "roi_heads.box_heads.", "mask_heads.")
 
 # (groups, width_per_group) -> preset name prefix of the ResNeXt presets.
 RESNEXT_NAMES = {(32, 4): "x101_32x4d", (64, 4): "x101_64x4d"}
@@ -95,15 +100,29 @@ def infer_preset(state_dict: dict[str, Tensor]) -> str:
         raise CheckpointError("checkpoint is missing backbone.layer1.0.conv2.weight")
     out_channels, in_per_group = conv2.shape[:2]
     groups = out_channels // in_per_group
+    family = "cascade_mask_rcnn" if has_mask_heads(state_dict) else "cascade_rcnn"
     if groups == 1:
-        return f"cascade_rcnn_r{depth}_fpn"
+        return f"{family}_r{depth}_fpn"
     name = RESNEXT_NAMES.get((groups, in_per_group))
     if depth != 101 or name is None:
         raise CheckpointError(
             f"backbone with {depth} layers, {groups} groups of width {in_per_group}: no preset for this ResNeXt "
             f"(known: {', '.join(RESNEXT_NAMES.values())})"
         )
-    return f"cascade_rcnn_{name}_fpn"
+    return f"{family}_{name}_fpn"
+
+
+def has_mask_heads(state_dict: dict[str, Tensor]) -> bool:
+    """True when a project-named state_dict has mask-head tensors (a Cascade Mask R-CNN)."""
+    return any(name.startswith("mask_heads.") for name in state_dict)
+
+
+def skip_mask_heads(config: ModelConfig, state_dict: dict[str, Tensor], skipped: list[str]) -> dict[str, Tensor]:
+    """The state_dict for `config`: a box-only config leaves a mask model's mask heads out (listed in `skipped`)."""
+    if config.has_masks:
+        return state_dict
+    skipped.extend(name for name in state_dict if name.startswith("mask_heads."))
+    return {name: tensor for name, tensor in state_dict.items() if not name.startswith("mask_heads.")}
 
 
 def infer_config(state_dict: dict[str, Tensor], meta: dict[str, Any], preset: str | None) -> tuple[ModelConfig, str]:
@@ -172,4 +191,4 @@ def convert_torch_checkpoint(path: Path, preset: str | None = None) -> Checkpoin
         converted, skipped = convert_mmdet_state_dict(state_dict)
         source_format = "mmdet"
     config, preset_name = infer_config(converted, meta, preset)
-    return Checkpoint(config, converted, preset_name, source_format, skipped)
+    return Checkpoint(config, skip_mask_heads(config, converted, skipped), preset_name, source_format, skipped)

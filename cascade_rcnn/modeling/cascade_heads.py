@@ -8,14 +8,25 @@ Class axis convention (one place, pinned by a test): a stage's classification lo
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cascade_rcnn.modeling.box_coder import BoxCoder
-from cascade_rcnn.modeling.matcher import Matcher, sample_indices, sampling_generator, training_gt
+from cascade_rcnn.modeling.matcher import Matcher, sample_indices, sampling_generator, training_gt, training_gt_rows
 from cascade_rcnn.modeling.roi_align import MultiScaleRoIAlign
+
+
+class StageSamples(NamedTuple):
+    """One cascade stage's sampled training RoIs (see `CascadeROIHeads.sample_stage`)."""
+
+    rois: Tensor
+    labels: Tensor
+    reg_targets: Tensor
+    is_gt: Tensor
+    gt_rows: Tensor
 
 
 class BoxHead(nn.Module):
@@ -143,19 +154,33 @@ class CascadeROIHeads(nn.Module):
         stage's regression is trained only by its own loss) and clipped, become the next stage's proposals, minus the
         ground-truth boxes that were added as proposals (mmdetection `refine_bboxes`).
         """
+        return self.loss_and_positives(features, proposals, targets, image_sizes)[0]
+
+    def loss_and_positives(
+        self,
+        features: list[Tensor],
+        proposals: list[Tensor],
+        targets: list[dict[str, Tensor]],
+        image_sizes: list[tuple[int, int]],
+    ) -> tuple[dict[str, Tensor], list[tuple[Tensor, Tensor, Tensor]]]:
+        """`loss`, and each stage's positive samples: (rois (P, 5), labels (P,), rows (P,) of the targets they
+        match), which the mask heads train on."""
         sizes = torch.tensor(image_sizes, dtype=torch.float32, device=features[0].device).reshape(-1, 2)
         losses: dict[str, Tensor] = {}
+        positives = []
         proposals = [p.detach() for p in proposals]
         for stage in range(self.num_stages):
-            rois, labels, reg_targets, is_gt = self.sample_stage(stage, proposals, targets, image_sizes)
+            rois, labels, reg_targets, is_gt, gt_rows = self.sample_stage(stage, proposals, targets, image_sizes)
             logits, deltas = self.run_stage(stage, features, rois)
             weight = self.stage_loss_weights[stage]
             loss_cls, loss_box = self.stage_losses(logits, deltas, labels, reg_targets)
             losses[f"loss_cls_stage{stage}"] = weight * loss_cls
             losses[f"loss_box_stage{stage}"] = weight * loss_box
+            positive = labels < self.num_classes
+            positives.append((rois[positive], labels[positive], gt_rows[positive]))
             if stage < self.num_stages - 1:
                 proposals = self.refine_proposals(stage, rois, logits, deltas, labels, is_gt, sizes)
-        return losses
+        return losses, positives
 
     def refine_proposals(
         self, stage: int, rois: Tensor, logits: Tensor, deltas: Tensor, labels: Tensor, is_gt: Tensor, sizes: Tensor
@@ -176,7 +201,7 @@ class CascadeROIHeads(nn.Module):
         proposals: list[Tensor],
         targets: list[dict[str, Tensor]],
         image_sizes: list[tuple[int, int]],
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    ) -> StageSamples:
         """Match and sample one stage's training RoIs (mmdetection `MaxIoUAssigner` + `RandomSampler`).
 
         The proposals of image i are matched at this stage's IoU; then (with add_gt_as_proposals) its gt boxes are
@@ -185,12 +210,14 @@ class CascadeROIHeads(nn.Module):
         boxes are left out, the others clipped to the image (h, w) of `image_sizes` (`training_gt`).
 
         Returns rois (S, 5), labels (S,) (num_classes = background), regression targets (S, 4) (zeros for
-        negatives) and is_gt (S,) bool (the RoI is a ground-truth box added as a proposal).
+        negatives), is_gt (S,) bool (the RoI is a ground-truth box added as a proposal) and gt_rows (S,) int64 (the
+        row of the image's target that a positive matches; -1 for negatives).
         """
         coder, matcher = self.box_coders[stage], self.matchers[stage]
-        rois, labels, reg_targets, is_gt = [], [], [], []
+        rois, labels, reg_targets, is_gt, gt_rows = [], [], [], [], []
         for i, (boxes, target, size) in enumerate(zip(proposals, targets, image_sizes)):
             gt_boxes, gt_labels, crowd_boxes = training_gt(target, size, warn=False)  # the RPN has warned
+            rows = training_gt_rows(target, size)
             matches = matcher(gt_boxes, boxes, crowd_boxes)
             num_added = 0
             if self.add_gt_as_proposals:
@@ -212,7 +239,10 @@ class CascadeROIHeads(nn.Module):
             labels.append(label)
             reg_targets.append(target_deltas)
             is_gt.append(torch.cat([pos < num_added, torch.zeros_like(neg, dtype=torch.bool)]))
-        return torch.cat(rois), torch.cat(labels), torch.cat(reg_targets), torch.cat(is_gt)
+            gt_rows.append(torch.cat([rows[matches[pos]], torch.full_like(neg, -1)]))
+        return StageSamples(
+            torch.cat(rois), torch.cat(labels), torch.cat(reg_targets), torch.cat(is_gt), torch.cat(gt_rows)
+        )
 
     def stage_losses(self, logits: Tensor, deltas: Tensor, labels: Tensor, reg_targets: Tensor) -> tuple[Tensor, Tensor]:
         """Softmax cross-entropy over all samples; smooth-L1 on positives, averaged over all samples (mmdetection)."""

@@ -3,6 +3,7 @@
     images -> Transform (resize, normalise, pad) -> ResNet -> FPN -> RPN proposals
            -> CascadeROIHeads (stage 1 -> refine -> stage 2 -> refine -> stage 3, scores combined)
            -> per-class NMS -> boxes mapped back to original-image pixels
+           [-> mask heads on the final boxes -> mask probabilities -> pasted into the original image]
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from cascade_rcnn.modeling.cascade_heads import (
     rois_to_proposals,
 )
 from cascade_rcnn.modeling.fpn import FPN
+from cascade_rcnn.modeling.masks import CascadeMaskHeads, MaskHead, paste_masks
 from cascade_rcnn.modeling.matcher import Matcher
 from cascade_rcnn.modeling.postprocess import PostProcessor
 from cascade_rcnn.modeling.roi_align import MultiScaleRoIAlign
@@ -52,6 +54,8 @@ class CascadeRCNN(nn.Module):
         rpn: RegionProposalNetwork,
         roi_heads: CascadeROIHeads,
         postprocessor: PostProcessor,
+        mask_heads: CascadeMaskHeads | None = None,
+        mask_threshold: float = 0.5,
     ) -> None:
         super().__init__()
         self.transform = transform
@@ -60,18 +64,29 @@ class CascadeRCNN(nn.Module):
         self.rpn = rpn
         self.roi_heads = roi_heads
         self.postprocessor = postprocessor
+        self.mask_heads = mask_heads
+        self.mask_threshold = mask_threshold
 
     def forward(
         self, images: list[Tensor], targets: list[dict[str, Tensor]], min_size: int | None = None
     ) -> dict[str, Tensor]:
         """Training losses for `images` ((3, H, W) RGB 0-255, original size) and `targets` (`boxes` (G, 4) xyxy in
-        original pixels, `labels` (G,) in 0..K-1, optional `iscrowd` (G,) bool). Returns a flat dict of scalar losses:
-        loss_rpn_cls, loss_rpn_box, loss_cls_stage{k}, loss_box_stage{k}."""
+        original pixels, `labels` (G,) in 0..K-1, optional `iscrowd` (G,) bool; for mask models `masks` (G, H, W)
+        0/1 over the image). Returns a flat dict of scalar losses: loss_rpn_cls, loss_rpn_box, loss_cls_stage{k},
+        loss_box_stage{k}, and loss_mask_stage{k} for each stage a mask head trains on."""
         batch, targets = self.transform(images, targets, min_size)
         features = self.fpn(self.backbone.feature_maps(batch.tensor))
         rois, _, rpn_losses = self.rpn(features, batch.image_sizes, targets)
         proposals = rois_to_proposals(rois, len(images))
-        return {**rpn_losses, **self.roi_heads.loss(features, proposals, targets, batch.image_sizes)}
+        if self.mask_heads is None:
+            return {**rpn_losses, **self.roi_heads.loss(features, proposals, targets, batch.image_sizes)}
+        losses, positives = self.roi_heads.loss_and_positives(features, proposals, targets, batch.image_sizes)
+        gt_masks = [t.get("masks") for t in targets]
+        if any(m is None for m in gt_masks):
+            raise ValueError("a mask model trains on targets with instance masks: every target needs 'masks'")
+        for stage, stage_positives in enumerate(positives):
+            losses.update(self.mask_heads.loss(features, stage, stage_positives, gt_masks))
+        return {**rpn_losses, **losses}
 
     @torch.no_grad()
     def predict(self, images: list[Tensor], return_stages: bool = False) -> list[Detections]:
@@ -86,8 +101,12 @@ class CascadeRCNN(nn.Module):
         inputs = batch.as_tensors()
         outputs = self.detect(*inputs, return_stages=return_stages)
         results = split_by_image(outputs[:4], len(batch.image_sizes))
+        if self.mask_heads is not None:
+            counts = [len(d) for d in results]
+            for detections, probs, size in zip(results, outputs[4].split(counts), batch.original_sizes):
+                detections.masks = paste_masks(probs, detections.boxes, size, self.mask_threshold)
         if return_stages:
-            per_stage = [split_by_image(stage, len(batch.image_sizes)) for stage in outputs[4]]
+            per_stage = [split_by_image(stage, len(batch.image_sizes)) for stage in outputs[-1]]
             for i, detections in enumerate(results):
                 detections.stages = [stage[i] for stage in per_stage]
         return results
@@ -106,14 +125,22 @@ class CascadeRCNN(nn.Module):
         images (B, 3, H, W); image_sizes (B, 2) int64 (h, w) of each image's extent in it; scale_factors (B, 2) float64
         (w_scale, h_scale); original_sizes (B, 2) int64 (h, w). Returns boxes (D, 4) in original pixels, scores (D,),
         labels (D,), batch_index (D,), grouped by image, each image's by decreasing score; with `return_stages`, a
-        fifth item: the same four for each cascade stage on its own.
+        last item: the same four for each cascade stage on its own. Mask models return a fifth item (before the
+        stages): the detections' mask probabilities (D, 2S, 2S), to paste with their boxes (`paste_masks`).
         """
         features = self.fpn(self.backbone.feature_maps(images))
         sizes = image_sizes.to(torch.float32)
         rois, _, _ = self.rpn(features, sizes)
         scores, stage_boxes, stage_scores = self.roi_heads.predict_rois(features, rois, sizes)
         roi_images = rois[:, 0].long()
-        detections = self.postprocessor(stage_boxes[-1], scores, roi_images, scale_factors, original_sizes)
+        *detections, frame_boxes = self.postprocessor.select(
+            stage_boxes[-1], scores, roi_images, scale_factors, original_sizes
+        )
+        detections = tuple(detections)
+        if self.mask_heads is not None:
+            # The mask heads pool the final detections' boxes in the frame the network saw.
+            mask_rois = torch.cat([detections[3][:, None].to(frame_boxes.dtype), frame_boxes], dim=1)
+            detections += (self.mask_heads.predict(features, mask_rois, detections[2]),)
         if not return_stages:
             return detections
         stages = [
@@ -179,16 +206,21 @@ def build_model(cfg: ModelConfig) -> CascadeRCNN:
         # Ranking by logits (detectron2) keeps apart what float32 sigmoids round to the same value near 1.
         proposal_score=torch.sigmoid if r.proposal_score == "sigmoid" else None,
     )
-    roi_align = MultiScaleRoIAlign(
-        strides=backbone.strides,
-        output_size=ra.output_size,
-        sampling_ratio=ra.sampling_ratio,
-        aligned=ra.aligned,
-        canonical_size=ra.canonical_size,
-        level_eps=ra.level_eps,
-        plus_one=ra.plus_one,
-        canonical_level=ra.canonical_level,
-    )
+
+    def pooler(output_size: int) -> MultiScaleRoIAlign:
+        """RoIAlign over P2-P5 by `cfg.roi_align`'s rules, at `output_size` (7 for the box heads, 14 for masks)."""
+        return MultiScaleRoIAlign(
+            strides=backbone.strides,
+            output_size=output_size,
+            sampling_ratio=ra.sampling_ratio,
+            aligned=ra.aligned,
+            canonical_size=ra.canonical_size,
+            level_eps=ra.level_eps,
+            plus_one=ra.plus_one,
+            canonical_level=ra.canonical_level,
+        )
+
+    roi_align = pooler(ra.output_size)
     in_features = cfg.fpn.out_channels * ra.output_size**2
     num_reg_classes = 1 if c.class_agnostic else cfg.num_classes + int(c.reg_background_slot)
     roi_heads = CascadeROIHeads(
@@ -211,6 +243,21 @@ def build_model(cfg: ModelConfig) -> CascadeRCNN:
         refine_class=REFINE_RULES[c.refine_class],
         refine_box_dtype=getattr(torch, c.refine_box_dtype),
     )
+    mask_heads = None
+    if cfg.has_masks:
+        m = cfg.mask
+        train_stages = tuple(range(len(c.stage_ious))) if m.heads == "per_stage" else (0,)
+        weights = c.stage_loss_weights if m.heads == "per_stage" else (1.0,)
+        mask_heads = CascadeMaskHeads(
+            roi_align=pooler(m.roi_size),
+            heads=[
+                MaskHead(in_channels=cfg.fpn.out_channels, conv_dim=m.conv_dim, num_convs=m.num_convs,
+                         num_classes=cfg.num_classes)
+                for _ in train_stages
+            ],
+            train_stages=train_stages,
+            loss_weights=tuple(m.loss_weight * w for w in weights),
+        )
     p = cfg.postprocess
     postprocessor = PostProcessor(
         score_thresh=p.score_thresh,
@@ -221,7 +268,7 @@ def build_model(cfg: ModelConfig) -> CascadeRCNN:
     )
     return CascadeRCNN(
         transform=build_transform(cfg), backbone=backbone, fpn=fpn, rpn=rpn, roi_heads=roi_heads,
-        postprocessor=postprocessor,
+        postprocessor=postprocessor, mask_heads=mask_heads, mask_threshold=cfg.mask.threshold,
     )
 
 

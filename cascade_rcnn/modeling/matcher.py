@@ -101,19 +101,32 @@ def training_gt(
     (the RPN warns; the cascade stages, reading the same targets, do not repeat it). Crowd boxes are kept apart: they
     are never ground truth (see `Matcher`). An image without boxes trains on background only.
     """
-    boxes, labels = target["boxes"], target["labels"]
+    boxes, valid, crowd = _clipped_gt(target, image_size)
+    if warn and not bool(valid.all()):
+        logger.warning("dropped %d ground-truth boxes without area inside the image", int((~valid).sum()))
+    keep = valid & ~crowd
+    return boxes[keep], target["labels"][keep], boxes[valid & crowd]
+
+
+def training_gt_rows(target: dict[str, Tensor], image_size: tuple[int, int]) -> Tensor:
+    """(G,) int64: the rows of `target` that `training_gt` keeps as ground truth, in its order (what per-gt data
+    beside the boxes, such as instance masks, is indexed by)."""
+    _, valid, crowd = _clipped_gt(target, image_size)
+    return torch.nonzero(valid & ~crowd).squeeze(1)
+
+
+def _clipped_gt(target: dict[str, Tensor], image_size: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
+    """`target`'s boxes clipped to the image, which of them keep an area (valid), and which are crowd boxes."""
+    boxes = target["boxes"]
     crowd = target.get("iscrowd")
-    crowd = torch.zeros_like(labels, dtype=torch.bool) if crowd is None else crowd.to(torch.bool)
+    crowd = torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device) if crowd is None else crowd.to(torch.bool)
     h, w = image_size
     boxes = torch.stack(
         [boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h), boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)], dim=1
     )
     # Not `x2 > x1`: a NaN coordinate compares False, so it is dropped too.
     valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    if warn and not bool(valid.all()):
-        logger.warning("dropped %d ground-truth boxes without area inside the image", int((~valid).sum()))
-    keep = valid & ~crowd
-    return boxes[keep], labels[keep], boxes[valid & crowd]
+    return boxes, valid, crowd
 
 
 def sampling_generator(target: dict[str, Tensor], stream: int) -> torch.Generator | None:

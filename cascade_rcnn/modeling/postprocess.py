@@ -185,11 +185,11 @@ class PostProcessor:
         nms_thresh: float = 0.5,
         detections_per_image: int = 100,
         class_nms: NMSKind = "offset",
-        rescale: Literal["before_nms", "after_nms"] = "before_nms",
+        rescale: Literal["before_nms", "after_nms", "divide_after_nms"] = "before_nms",
     ) -> None:
         if class_nms not in ("offset", "per_class", "torchvision"):
             raise ValueError(f"unknown class_nms {class_nms!r}")
-        if rescale not in ("before_nms", "after_nms"):
+        if rescale not in ("before_nms", "after_nms", "divide_after_nms"):
             raise ValueError(f"unknown rescale {rescale!r}")
         self.score_thresh = score_thresh
         self.nms_thresh = nms_thresh
@@ -200,7 +200,13 @@ class PostProcessor:
     def __call__(
         self, boxes: Tensor, scores: Tensor, roi_images: Tensor, scale_factors: Tensor, original_sizes: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Detections of every image of a batch.
+        """Detections of every image of a batch: `select` without the resized-frame boxes."""
+        return self.select(boxes, scores, roi_images, scale_factors, original_sizes)[:4]
+
+    def select(
+        self, boxes: Tensor, scores: Tensor, roi_images: Tensor, scale_factors: Tensor, original_sizes: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Detections of every image of a batch, and their boxes in the resized frame (where the mask heads pool).
 
         Args:
             boxes: (R, 4) class-agnostic or (R, 4K) class-specific boxes in the resized frame.
@@ -209,13 +215,16 @@ class PostProcessor:
             scale_factors: (B, 2) float64 (w_scale, h_scale); original_sizes: (B, 2) int64 (h, w).
         Returns:
             boxes (D, 4), scores (D,), labels (D,) int64, image (D,) int64: grouped by image, each image's by
-            decreasing score. Candidates are flattened candidate-major (index = r * K + k) before the score threshold,
-            as mmdetection does.
+            decreasing score; and the same boxes in the resized frame (D, 4). Candidates are flattened
+            candidate-major (index = r * K + k) before the score threshold, as mmdetection does.
         """
         r, num_classes = scores.shape[0], scores.shape[1]
+        frame_boxes = boxes.unflatten(1, (-1, 4)).expand(r, num_classes, 4).reshape(-1, 4)
         if self.rescale == "before_nms":
             boxes = boxes_to_original(boxes, scale_factors[roi_images])
-        boxes = boxes.unflatten(1, (-1, 4)).expand(r, num_classes, 4).reshape(-1, 4)
+            boxes = boxes.unflatten(1, (-1, 4)).expand(r, num_classes, 4).reshape(-1, 4)
+        else:
+            boxes = frame_boxes
         labels = torch.arange(num_classes, device=boxes.device)[None, :].expand(r, num_classes).reshape(-1)
         images = roi_images[:, None].expand(r, num_classes).reshape(-1)
         scores = scores.reshape(-1)
@@ -223,12 +232,16 @@ class PostProcessor:
             boxes, scores, labels, images, scores > self.score_thresh, scale_factors.shape[0], self.nms_thresh,
             self.detections_per_image, self.class_nms,
         )
-        boxes, scores, labels = boxes[index], scores[index], labels[index]
-        if self.rescale == "after_nms":
+        boxes, scores, labels, frame_boxes = boxes[index], scores[index], labels[index], frame_boxes[index]
+        if self.rescale == "divide_after_nms":
+            # mmdetection divides by the float32 scale factors (not a multiplication by their reciprocals).
+            boxes = boxes / scale_factors[image].to(boxes.dtype).repeat(1, 2)
+        elif self.rescale == "after_nms":
             boxes = clip_boxes(boxes_to_original(boxes, scale_factors[image]), original_sizes[image])
             nonempty = torch.nonzero((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).squeeze(1)
             boxes, scores, labels, image = boxes[nonempty], scores[nonempty], labels[nonempty], image[nonempty]
-        return boxes, scores, labels, image
+            frame_boxes = frame_boxes[nonempty]
+        return boxes, scores, labels, image, frame_boxes
 
 
 def multiclass_nms(

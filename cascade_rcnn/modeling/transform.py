@@ -212,12 +212,16 @@ class Transform(nn.Module):
         """Resize, normalise and pad `images` ((3, H, W) RGB 0-255); scale target boxes into the resized frame."""
         original_sizes = [tuple(img.shape[-2:]) for img in images]
         scales = [self.resize_steps(*size, min_size)[1] for size in original_sizes]
-        batch = self.batch([self.resize(img, min_size) for img in images], original_sizes, scales)
+        resized = [self.resize(img, min_size) for img in images]
+        batch = self.batch(resized, original_sizes, scales)
         if targets is not None:
             targets = [
                 {**t, "boxes": t["boxes"] * t["boxes"].new_tensor([sw, sh, sw, sh])}
                 for t, (sw, sh) in zip(targets, batch.scale_factors)
             ]
+            for t, img in zip(targets, resized):
+                if "masks" in t:  # instance masks (G, H, W), nearest-neighbour as mmcv rescales them
+                    t["masks"] = resize_masks(t["masks"], tuple(img.shape[-2:]))
         return batch, targets
 
     def batch(
@@ -250,6 +254,17 @@ def boxes_to_original(boxes: Tensor, scale_factors: Tensor) -> Tensor:
     `scale_boxes`, so results match to the last bit."""
     factors = (1.0 / scale_factors).to(boxes.dtype).repeat(1, 2)  # (N, 4): 1/sw, 1/sh, 1/sw, 1/sh
     return (boxes.unflatten(1, (-1, 4)) * factors[:, None, :]).reshape(boxes.shape)
+
+
+def resize_masks(masks: Tensor, size: tuple[int, int]) -> Tensor:
+    """Nearest-neighbour resize of masks (G, H, W) to (G, h, w) as OpenCV's INTER_NEAREST (mmcv rescales masks so):
+    source index floor(i * H / h) in float64, clamped."""
+    (h, w), (src_h, src_w) = size, masks.shape[-2:]
+    if (h, w) == (src_h, src_w):
+        return masks
+    rows = (torch.arange(h, dtype=torch.float64) * (src_h / h)).floor().long().clamp(max=src_h - 1)
+    cols = (torch.arange(w, dtype=torch.float64) * (src_w / w)).floor().long().clamp(max=src_w - 1)
+    return masks.index_select(-2, rows.to(masks.device)).index_select(-1, cols.to(masks.device))
 
 
 def resize_bilinear_cv2(image: Tensor, size: tuple[int, int]) -> Tensor:
