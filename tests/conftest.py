@@ -109,3 +109,31 @@ def detectron2_reference_checkpoint(detectron2_reference_dir: Path) -> Path:
     sha256 = _recipe(detectron2_reference_dir)["state_dict_sha256"]
     name = f"detectron2_cascade_rcnn_r50_fpn_{sha256[:16]}.pkl"
     return rebuilt_checkpoint(detectron2_reference_dir / "make_checkpoint.py", name)
+
+
+@pytest.fixture(scope="session")
+def mmdet_mask_reference_dir(shared_dir: Path) -> Path:
+    """`shared/reference/mmdet_mask`: the real mmdetection Cascade Mask R-CNN's outputs (see its README)."""
+    return reference_dir(shared_dir, "mmdet_mask", "make_checkpoint.py", "mmdetection Cascade Mask R-CNN")
+
+
+@pytest.fixture(scope="session")
+def mmdet_mask_reference_checkpoint(mmdet_mask_reference_dir: Path) -> Path:
+    """The mmdetection Cascade Mask R-CNN reference checkpoint (~310 MB)."""
+    sha256 = _recipe(mmdet_mask_reference_dir)["state_dict_sha256"]
+    name = f"mmdet_cascade_mask_rcnn_r50_fpn_{sha256[:16]}.pth"
+    return rebuilt_checkpoint(mmdet_mask_reference_dir / "make_checkpoint.py", name)
+
+
+@pytest.fixture(scope="session")
+def detectron2_mask_reference_dir(shared_dir: Path) -> Path:
+    """`shared/reference/detectron2_mask`: the real detectron2 Cascade Mask R-CNN's outputs (see its README)."""
+    return reference_dir(shared_dir, "detectron2_mask", "make_checkpoint.py", "detectron2 Cascade Mask R-CNN")
+
+
+@pytest.fixture(scope="session")
+def detectron2_mask_reference_checkpoint(detectron2_mask_reference_dir: Path) -> Path:
+    """The detectron2 Cascade Mask R-CNN reference model-zoo `.pkl` (288 MB)."""
+    sha256 = _recipe(detectron2_mask_reference_dir)["state_dict_sha256"]
+    name = f"detectron2_cascade_mask_rcnn_r50_fpn_{sha256[:16]}.pkl"
+    return rebuilt_checkpoint(detectron2_mask_reference_dir / "make_checkpoint.py", name)

@@ -1,0 +1,30 @@
+"""Binary masks <-> COCO run-length encoding (pycocotools), as COCO results files and the peers write them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pycocotools.mask as mask_utils
+import torch
+from torch import Tensor
+
+
+def encode_masks(masks: Tensor | np.ndarray) -> list[dict[str, Any]]:
+    """(N, H, W) binary masks -> N COCO RLEs `{"size": [H, W], "counts": str}` (pycocotools' compressed counts, as
+    mmdetection's `encode_mask_results` and detectron2's `instances_to_coco_json` write them)."""
+    if isinstance(masks, Tensor):
+        masks = masks.detach().cpu().numpy()
+    if len(masks) == 0:
+        return []
+    rles = mask_utils.encode(np.asfortranarray(np.moveaxis(masks.astype(np.uint8), 0, -1)))
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")
+    return rles
+
+
+def decode_masks(rles: list[dict[str, Any]], size: tuple[int, int]) -> Tensor:
+    """COCO RLEs (counts as str or bytes) -> (N, H, W) bool; an empty list gives (0, H, W)."""
+    if not rles:
+        return torch.zeros((0, *size), dtype=torch.bool)
+    return torch.from_numpy(mask_utils.decode(list(rles))).permute(2, 0, 1).bool()
