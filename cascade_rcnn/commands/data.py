@@ -4,9 +4,10 @@
     cascade-rcnn data check --format yolo --images DIR --annotations LABEL_DIR --names names.txt
     cascade-rcnn data convert --format voc --images JPEGImages --annotations Annotations --output out.json
 
-`check` prints the number of images, boxes per class and every problem, and exits 1 when there are problems (0 when
-the dataset is clean). `convert` refuses a dataset with problems unless `--skip-bad` is given, in which case the bad
-boxes and images are left out and listed.
+`check` prints the number of images, boxes per class, how many boxes have instance masks (COCO files with
+segmentations) and every problem, and exits 1 when there are problems (0 when the dataset is clean). `convert`
+refuses a dataset with problems unless `--skip-bad` is given, in which case the bad boxes and images are left out and
+listed (a bad mask drops its box too); segmentations are written back.
 """
 
 from __future__ import annotations
@@ -82,12 +83,15 @@ def _convert(args: argparse.Namespace) -> int:
     for problem in dataset.problems:
         print(f"skipped: {problem}", file=sys.stderr)
     num_boxes = sum(len(record.boxes) for record in dataset.records)
-    print(f"wrote {path}: {len(dataset)} images, {num_boxes} boxes, {dataset.num_classes} classes")
+    kinds = dataset.mask_counts()
+    masks = f" ({kinds['polygon'] + kinds['rle']} with masks)" if dataset.has_masks else ""
+    print(f"wrote {path}: {len(dataset)} images, {num_boxes} boxes{masks}, {dataset.num_classes} classes")
     return 0
 
 
 def format_report(dataset: DetectionDataset, problems: list[str]) -> str:
-    """The text `data check` prints: totals, a per-class table, then every problem."""
+    """The text `data check` prints: totals (with masks, when the dataset has any), a per-class table, then every
+    problem."""
     counts = dataset.box_counts()
     num_boxes = sum(total for total, _ in counts.values())
     num_ignore = sum(ignore for _, ignore in counts.values())
@@ -97,6 +101,13 @@ def format_report(dataset: DetectionDataset, problems: list[str]) -> str:
         f"boxes: {num_boxes} ({num_ignore} crowd/ignore regions)",
         f"classes: {dataset.num_classes}",
     ]
+    if dataset.has_masks:
+        kinds = dataset.mask_counts()
+        lines.insert(
+            2,
+            f"masks: {kinds['polygon'] + kinds['rle']} of {num_boxes} boxes ({kinds['polygon']} polygons, "
+            f"{kinds['rle']} RLE; {kinds['crowd']} crowd)",
+        )
     if counts:
         width = max(len(name) for name in counts)
         lines.append(f"  {'class':<{width}}  {'id':>5}  {'boxes':>7}  {'ignore':>6}")

@@ -2,8 +2,9 @@
 
 Annotation formats are read into one in-memory form, `DetectionDataset` (a list of `ImageRecord`s plus class names),
 by `load_coco`, `load_voc`, `load_yolo` and `load_txt`, or by `load_dataset(format, ...)`; `convert_to_coco` /
-`write_coco` write any of them as COCO JSON. `cascade_rcnn.data.transforms` (imported separately: it needs torch)
-turns a dataset into a torch Dataset with flips and resizing, and groups batches by aspect ratio.
+`write_coco` write any of them as COCO JSON; COCO segmentations (instance masks) travel along, and
+`cascade_rcnn.data.masks` checks and rasterises them. `cascade_rcnn.data.transforms` (imported separately: it needs
+torch) turns a dataset into a torch Dataset with flips and resizing, and groups batches by aspect ratio.
 `cascade_rcnn.data.synthetic` makes the demo's shapes dataset.
 """
 

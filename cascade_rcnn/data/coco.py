@@ -24,11 +24,15 @@ from cascade_rcnn.data.dataset import (
     check_box,
     check_image_size,
     check_on_error,
-    is_file,
     finish,
+    is_file,
+    is_int,
+    is_number,
     make_record,
+    short_repr,
 )
 from cascade_rcnn.data.image_io import MAX_IMAGE_PIXELS, image_size
+from cascade_rcnn.data.masks import check_segmentation, has_segmentation, segmentation_area
 from cascade_rcnn.errors import CascadeRCNNError, DatasetError, ImageReadError
 
 
@@ -49,6 +53,11 @@ def load_coco(
     `category_ids` keeps the original id of each label. Crowd annotations (``iscrowd: 1``, or mmdetection's
     ``ignore: 1``) are kept with ``iscrowd=True``: never ground truth in training (see `rpn.ignore_iof_thresh`). Boxes are converted from
     COCO's ``x, y, w, h`` to ``x1, y1, x2 = x + w, y2 = y + h``.
+
+    Segmentations (polygons or RLE, see `cascade_rcnn.data.masks`) are kept as read in each record's `segmentations`
+    when any annotation has one, and checked against the image size: a malformed polygon or RLE is a problem, and so
+    is a non-crowd annotation without a segmentation in a file whose other annotations have them. A file with no
+    segmentation anywhere (``[]`` or absent) is box-only: its records' `segmentations` are None.
 
     Args:
         annotation_file: the instances JSON.
@@ -96,7 +105,7 @@ def load_coco(
             problems.append(f"{where}: is a {type(category).__name__}, expected an object")
             continue
         cat_id, name = category.get("id"), category.get("name")
-        if not _is_int(cat_id):
+        if not is_int(cat_id):
             problems.append(f"{where}: 'id' is {cat_id!r}, expected an integer")
             continue
         where = f"{source}: category id {cat_id}"
@@ -112,7 +121,7 @@ def load_coco(
 
     # Images: ids unique, files present, sizes sane. A duplicated id makes its annotations ambiguous, so every entry
     # with that id is rejected, not just the later ones.
-    id_counts = Counter(img.get("id") for img in data["images"] if isinstance(img, dict) and _is_int(img.get("id")))
+    id_counts = Counter(img.get("id") for img in data["images"] if isinstance(img, dict) and is_int(img.get("id")))
     images: dict[int, dict[str, Any]] = {}
     order: list[int] = []
     reported_duplicates: set[int] = set()
@@ -122,11 +131,11 @@ def load_coco(
             problems.append(f"{where}: is a {type(image).__name__}, expected an object")
             continue
         image_id = image.get("id")
-        if not _is_int(image_id):
+        if not is_int(image_id):
             problems.append(f"{where}: 'id' is {image_id!r}, expected an integer")
             continue
         if not -(2**63) <= image_id < 2**63:  # it becomes an int64 tensor in training
-            problems.append(f"{where}: 'id' {_short(image_id)} does not fit in a 64-bit integer")
+            problems.append(f"{where}: 'id' {short_repr(image_id)} does not fit in a 64-bit integer")
             continue
         file_name = image.get("file_name")
         where = f"{source}: image id {image_id}" + (f" ({file_name})" if isinstance(file_name, str) else "")
@@ -146,6 +155,14 @@ def load_coco(
     boxes: dict[int, list[np.ndarray]] = defaultdict(list)
     labels: dict[int, list[int]] = defaultdict(list)
     crowd: dict[int, list[bool]] = defaultdict(list)
+    segmentations: dict[int, list[Any]] = defaultdict(list)
+    # Masks are all or nothing. Box-only files (exporters write "segmentation": [] everywhere) load as before; in a
+    # file with masks, a non-crowd object without one is a problem: mask training would take it for background.
+    # A non-empty list or dict shows the intent; other types are reported below, not taken for it.
+    file_has_masks = any(
+        isinstance(ann, dict) and isinstance(ann.get("segmentation"), (list, dict)) and ann["segmentation"]
+        for ann in annotations
+    )
     annotated: set[int] = set()  # images with at least one annotation in the file, valid or not
     known_image_ids = set(id_counts)
     seen_annotation_ids: set[int] = set()
@@ -155,34 +172,34 @@ def load_coco(
             problems.append(f"{where}: is a {type(ann).__name__}, expected an object")
             continue
         ann_id, image_id = ann.get("id"), ann.get("image_id")
-        if _is_int(ann_id):
+        if is_int(ann_id):
             where = f"{source}: annotation id {ann_id}"
-        if _is_int(image_id):
+        if is_int(image_id):
             where += f" (image id {image_id})"
             annotated.add(image_id)
-        if not _is_int(ann_id):
+        if not is_int(ann_id):
             problems.append(f"{where}: 'id' is {ann_id!r}, expected an integer")
             continue
         if ann_id in seen_annotation_ids:
             problems.append(f"{where}: duplicate annotation id")
             continue
         seen_annotation_ids.add(ann_id)
-        if not _is_int(image_id):
+        if not is_int(image_id):
             problems.append(f"{where}: 'image_id' is {image_id!r}, expected an integer")
             continue
         if image_id not in known_image_ids:
             problems.append(f"{where}: refers to an image id that is not in 'images'")
             continue
         category_id = ann.get("category_id")
-        if not _is_int(category_id):
+        if not is_int(category_id):
             problems.append(f"{where}: 'category_id' is {category_id!r}, expected an integer")
             continue
         if category_id not in label_of:
             problems.append(f"{where}: unknown category id {category_id}")
             continue
         bbox = ann.get("bbox")
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
-            problems.append(f"{where}: 'bbox' is {_short(bbox)}, expected [x, y, width, height] numbers")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(is_number(v) for v in bbox)):
+            problems.append(f"{where}: 'bbox' is {short_repr(bbox)}, expected [x, y, width, height] numbers")
             continue
         is_crowd = ann.get("iscrowd", 0)
         ignore = ann.get("ignore", 0)
@@ -199,11 +216,19 @@ def load_coco(
             corners = (float("inf"),) * 4
         box, reason = check_box(corners, image["width"], image["height"], box_tolerance)
         if box is None:
-            problems.append(f"{where}: {reason} (COCO bbox {_short(bbox)})")
+            problems.append(f"{where}: {reason} (COCO bbox {short_repr(bbox)})")
+            continue
+        segmentation = ann.get("segmentation")
+        reason = check_segmentation(segmentation, image["height"], image["width"])
+        if reason is None and file_has_masks and not has_segmentation(segmentation) and not (is_crowd or ignore):
+            reason = "has no 'segmentation' but the file's other annotations have masks"
+        if reason:
+            problems.append(f"{where}: {reason}")
             continue
         boxes[image_id].append(box)
         labels[image_id].append(label_of[category_id])
         crowd[image_id].append(bool(is_crowd) or bool(ignore))
+        segmentations[image_id].append(segmentation if has_segmentation(segmentation) else None)
 
     records: list[ImageRecord] = []
     for image_id in order:
@@ -216,6 +241,7 @@ def load_coco(
             make_record(
                 image["file_name"], image_id, image["width"], image["height"],
                 boxes[image_id], labels[image_id], crowd[image_id],
+                segmentations[image_id] if file_has_masks else None,
             )
         )  # fmt: skip
     dataset = DetectionDataset(
@@ -230,8 +256,10 @@ def load_coco(
 def convert_to_coco(dataset: DetectionDataset) -> dict[str, Any]:
     """A COCO instances dict (``images``, ``annotations``, ``categories``) of any `DetectionDataset`.
 
-    Boxes are written as ``[x1, y1, x2 - x1, y2 - y1]``, ``area`` is the box area, ``segmentation`` is empty and
-    ``iscrowd`` carries the ignore flag. Category ids are the dataset's `category_ids`; annotation ids run 1..N.
+    Boxes are written as ``[x1, y1, x2 - x1, y2 - y1]``, ``segmentation`` as the record has it (``[]`` for a box
+    without one), ``area`` is the mask's pixel count where there is a segmentation (COCO's meaning, which its
+    evaluation uses for the small/medium/large ranges) and the box area otherwise, and ``iscrowd`` carries the ignore
+    flag. Category ids are the dataset's `category_ids`; annotation ids run 1..N.
     Images of unknown size have it read from the image header. The dict is JSON-serialisable as is.
     """
     images, annotations = [], []
@@ -245,7 +273,10 @@ def convert_to_coco(dataset: DetectionDataset) -> dict[str, Any]:
                     f"cannot write COCO JSON: size of image id {record.image_id} unknown ({error})"
                 ) from None
         images.append({"id": int(record.image_id), "file_name": record.file_name, "width": width, "height": height})
-        for box, label, is_crowd in zip(record.boxes.tolist(), record.labels.tolist(), record.iscrowd.tolist()):
+        segmentations = record.segmentations or [None] * len(record.boxes)
+        for box, label, is_crowd, segmentation in zip(
+            record.boxes.tolist(), record.labels.tolist(), record.iscrowd.tolist(), segmentations
+        ):
             x1, y1, x2, y2 = box
             w, h = x2 - x1, y2 - y1
             annotations.append(
@@ -254,9 +285,9 @@ def convert_to_coco(dataset: DetectionDataset) -> dict[str, Any]:
                     "image_id": int(record.image_id),
                     "category_id": dataset.category_ids[label],
                     "bbox": [x1, y1, w, h],
-                    "area": w * h,
+                    "area": segmentation_area(segmentation, height, width) if segmentation is not None else w * h,
                     "iscrowd": int(is_crowd),
-                    "segmentation": [],
+                    "segmentation": segmentation if segmentation is not None else [],
                 }
             )
     categories = [
@@ -309,7 +340,7 @@ def _check_image_entry(
     file_name, width, height = image.get("file_name"), image.get("width"), image.get("height")
     if not isinstance(file_name, str) or not file_name:
         return f"'file_name' is {file_name!r}, expected a non-empty string"
-    if not (_is_int(width) and _is_int(height)):
+    if not (is_int(width) and is_int(height)):
         return f"'width'/'height' are {width!r}/{height!r}, expected integers"
     size_problem = check_image_size(width, height, max_pixels)
     if size_problem:
@@ -325,20 +356,6 @@ def _check_image_entry(
         if actual != (width, height):
             return f"the JSON says {width}x{height} but the image is {actual[0]}x{actual[1]} (after EXIF orientation)"
     return None
-
-
-def _is_int(value: Any) -> bool:
-    # bool is an int subclass in Python; true/false in an id field is a wrong type, not 1/0.
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 __all__ = ["convert_to_coco", "load_coco", "write_coco"]

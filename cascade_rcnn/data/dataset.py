@@ -23,7 +23,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -41,7 +41,7 @@ DEFAULT_BOX_TOLERANCE = math.inf
 
 @dataclass
 class ImageRecord:
-    """One image and its boxes.
+    """One image and its boxes (and, from COCO files with masks, their segmentations).
 
     Attributes:
         file_name: path of the image relative to the dataset's `image_root` (forward slashes).
@@ -52,6 +52,9 @@ class ImageRecord:
         iscrowd: (N,) bool; True marks a crowd box (COCO crowd, VOC difficult): ignored by COCO evaluation, and in
             training never a ground truth (by default it has no effect at all, as in mmdetection; see
             `rpn.ignore_iof_thresh`).
+        segmentations: None when the source has no masks (VOC, YOLO, txt, box-only COCO); otherwise one entry per
+            box, in box order: the COCO ``segmentation`` value as read (a list of polygons, or an RLE dict), or None
+            for a box without a mask. `cascade_rcnn.data.masks.record_masks` rasterises them.
     """
 
     file_name: str
@@ -61,6 +64,7 @@ class ImageRecord:
     boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
     labels: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
     iscrowd: np.ndarray = field(default_factory=lambda: np.zeros((0,), bool))
+    segmentations: list[Any] | None = None
 
     def __post_init__(self) -> None:
         # Coerce here so every consumer can rely on the dtypes and shapes, whoever built the record.
@@ -72,6 +76,8 @@ class ImageRecord:
                 f"{self.file_name}: boxes, labels and iscrowd differ in length "
                 f"({len(self.boxes)}, {len(self.labels)}, {len(self.iscrowd)})"
             )
+        if self.segmentations is not None and len(self.segmentations) != len(self.boxes):
+            raise ValueError(f"{self.file_name}: {len(self.boxes)} boxes but {len(self.segmentations)} segmentations")
 
 
 @dataclass
@@ -108,6 +114,11 @@ class DetectionDataset:
         """C, the number of object classes (background not counted)."""
         return len(self.class_names)
 
+    @property
+    def has_masks(self) -> bool:
+        """True when at least one box has a segmentation (instance-mask training needs this)."""
+        return any(s is not None for record in self.records for s in record.segmentations or ())
+
     def image_path(self, index: int) -> Path:
         """Path of record `index`'s image file: ``image_root / file_name``."""
         return self.image_root / self.records[index].file_name
@@ -120,6 +131,16 @@ class DetectionDataset:
             np.add.at(counts, record.labels, 1)
             np.add.at(crowd, record.labels[record.iscrowd], 1)
         return {name: (int(counts[i]), int(crowd[i])) for i, name in enumerate(self.class_names)}
+
+    def mask_counts(self) -> dict[str, int]:
+        """Boxes with a mask: ``polygon`` (a list of polygons), ``rle`` (an RLE dict), and of those ``crowd``."""
+        counts = {"polygon": 0, "rle": 0, "crowd": 0}
+        for record in self.records:
+            for segmentation, is_crowd in zip(record.segmentations or (), record.iscrowd.tolist()):
+                if segmentation is not None:
+                    counts["rle" if isinstance(segmentation, dict) else "polygon"] += 1
+                    counts["crowd"] += is_crowd
+        return counts
 
 
 def check_on_error(on_error: str) -> None:
@@ -219,6 +240,7 @@ def make_record(
     boxes: list[np.ndarray],
     labels: list[int],
     iscrowd: list[bool],
+    segmentations: list[Any] | None = None,
 ) -> ImageRecord:
     """Build an ImageRecord from per-box Python lists (which may be empty)."""
     return ImageRecord(
@@ -229,6 +251,7 @@ def make_record(
         boxes=np.stack(boxes).astype(np.float32) if boxes else np.zeros((0, 4), np.float32),
         labels=np.asarray(labels, np.int64),
         iscrowd=np.asarray(iscrowd, bool),
+        segmentations=segmentations,
     )
 
 
@@ -286,6 +309,23 @@ def _names_from_yaml(path: Path, text: str) -> tuple[str, ...]:
             raise DatasetError(f"{path}: 'names' mapping must have the keys 0..{len(names) - 1}")
         return tuple(str(names[k]) for k in keys)
     raise DatasetError(f"{path}: no 'names' list or mapping")
+
+
+def is_int(value: Any) -> bool:
+    """An integer from JSON, not a bool: bool is an int subclass in Python, and true/false in an id field is a wrong
+    type, not 1/0."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """An int or float from JSON, not a bool (finiteness is the caller's check)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """`repr(value)` cut to `limit` characters, for quoting a bad value in a one-line problem."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _fmt(value: float) -> str:

@@ -13,6 +13,9 @@ checked against mmdetection's recorded training inputs). With ``resize=False`` t
 size: boxes then differ from mmdetection's by float rounding only ((W - x) * s = W' - x * s), and OpenCV's resize is
 mirror-symmetric up to its fixed-point rounding (1 level at about 1e-4 of the pixels, measured on COCO images).
 
+Masks. With ``with_masks=True`` the targets also carry instance masks, rasterised at the decoded image's size and
+then resized and flipped with the image: nearest-neighbour, as mmcv rescales masks (`resize_masks`).
+
 Determinism. Every random choice takes an explicit `random.Random`. The dataset derives one per sample from
 ``(seed, epoch, index)``, so a sample's augmentation does not depend on worker count, worker scheduling or where a
 resumed run starts. The batch samplers are a pure function of ``(seed, epoch)`` and can start at any batch.
@@ -28,6 +31,7 @@ from torch.utils.data import Dataset, Sampler
 
 from cascade_rcnn.data.dataset import DetectionDataset
 from cascade_rcnn.data.image_io import load_image
+from cascade_rcnn.data.masks import record_masks
 from cascade_rcnn.errors import DatasetError
 from cascade_rcnn.modeling.transform import resize_bilinear_cv2
 
@@ -73,6 +77,19 @@ def hflip(image: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch
     return image.flip(-1), flipped
 
 
+def resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest-neighbour resize of (G, H, W) masks to (G, H', W') = `size`, as OpenCV's INTER_NEAREST (mmcv's
+    `BitmapMasks.rescale`): output row i takes input row ``floor(i * (1 / (H' / H)))``, clamped to H - 1 (OpenCV
+    computes the factor this way, in double precision); columns likewise."""
+
+    def sources(old: int, new: int) -> torch.Tensor:
+        steps = torch.arange(new, dtype=torch.float64) * (1.0 / (new / old))
+        return steps.floor().long().clamp(max=old - 1)
+
+    rows, cols = sources(masks.shape[-2], size[0]), sources(masks.shape[-1], size[1])
+    return masks.index_select(-2, rows).index_select(-1, cols)
+
+
 def choose_short_side(rng: random.Random, scale: tuple[int, int], short_sides: Sequence[int] | None) -> int:
     """The short side for one training sample: one of `short_sides` at random (multi-scale), else ``scale[0]``."""
     return rng.choice(list(short_sides)) if short_sides else scale[0]
@@ -93,7 +110,9 @@ class DetectionTorchDataset(Dataset):
       `scale` when ``resize=True``;
     - target: ``boxes`` (N, 4) float32 xyxy in that image's frame, ``labels`` (N,) int64 in 0..C-1, ``iscrowd``
       (N,) bool, ``image_id`` int64 scalar, ``orig_size`` (2,) int64 ``[H, W]`` of the decoded image, and
-      ``scale_factor`` (2,) float32 ``[sx, sy]`` from the original to the returned frame (ones without resize).
+      ``scale_factor`` (2,) float32 ``[sx, sy]`` from the original to the returned frame (ones without resize);
+      with ``with_masks=True`` also ``masks`` (N, H, W) uint8 0/1, one per box in the returned image's frame (all
+      zeros for a box without a segmentation).
 
     In training (``train=True``) the image is flipped left-right with probability `flip_prob` (after the resize, when
     the dataset resizes; see the module docstring), and with
@@ -103,6 +122,7 @@ class DetectionTorchDataset(Dataset):
     Raises (from __getitem__):
         ImageReadError: the image cannot be decoded (the message names the file).
         DatasetError: the decoded image's size differs from the record's (its boxes would be misplaced).
+        ValueError: (with_masks) a record's segmentation is malformed; the loaders never let one through.
     """
 
     def __init__(
@@ -114,6 +134,7 @@ class DetectionTorchDataset(Dataset):
         multiscale_short_sides: Sequence[int] | None = None,
         resize: bool = False,
         seed: int = 0,
+        with_masks: bool = False,
     ) -> None:
         if not 0.0 <= flip_prob <= 1.0:
             raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
@@ -124,6 +145,7 @@ class DetectionTorchDataset(Dataset):
         self.multiscale_short_sides = tuple(multiscale_short_sides) if multiscale_short_sides else None
         self.resize = resize
         self.seed = seed
+        self.with_masks = with_masks
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -145,13 +167,16 @@ class DetectionTorchDataset(Dataset):
             )
         image = torch.from_numpy(array).permute(2, 0, 1).to(torch.float32)
         boxes = torch.from_numpy(record.boxes.copy())
+        masks = torch.from_numpy(record_masks(record, height, width)) if self.with_masks else None
         rng = sample_rng(self.seed, self.epoch, index)
         scale_factor = torch.ones(2, dtype=torch.float32)
         if self.resize:
             short = choose_short_side(rng, self.scale, self.multiscale_short_sides) if self.train else self.scale[0]
             image, boxes, scale_factor = resize_keep_ratio(image, boxes, short, self.scale[1])
+            masks = resize_masks(masks, image.shape[-2:]) if masks is not None else None
         if self.train and rng.random() < self.flip_prob:
             image, boxes = hflip(image, boxes)
+            masks = masks.flip(-1) if masks is not None else None
         target = {
             "boxes": boxes,
             "labels": torch.from_numpy(record.labels.copy()),
@@ -160,6 +185,8 @@ class DetectionTorchDataset(Dataset):
             "orig_size": torch.tensor([height, width], dtype=torch.int64),
             "scale_factor": scale_factor,
         }
+        if masks is not None:
+            target["masks"] = masks
         return image, target
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from cascade_rcnn.config import PRESETS
 from cascade_rcnn.data import DetectionDataset, convert_to_coco, load_dataset
 from cascade_rcnn.data.transforms import (
     AspectRatioGroupedBatchSampler,
@@ -86,11 +87,33 @@ def report_problems(dataset: DetectionDataset, split: str) -> str | None:
     return f"{split}: {len(dataset.problems)} problems, left out (data.on_error = 'skip'):\n{shown}{more}"
 
 
-def build_train_dataset(dataset: DetectionDataset, cfg: DataConfig, seed: int) -> SeededDetectionDataset:
+def require_masks(dataset: DetectionDataset, cfg: DataConfig, preset: str) -> None:
+    """Stop a model with mask heads (`preset`) before training starts when the training set has no masks.
+
+    Raises:
+        ConfigError: one line naming the preset, the annotations and a box-only alternative.
+    """
+    if dataset.has_masks:
+        return
+    why = "no annotation has a 'segmentation'" if cfg.format == "coco" else "VOC / YOLO / txt data are box-only"
+    box_preset = preset.replace("cascade_mask_rcnn", "cascade_rcnn")
+    if box_preset != preset and box_preset in PRESETS:
+        model, fix = f"the preset {preset}", f"use a box preset such as {box_preset}"
+    else:  # a box preset given mask heads by a [model] override
+        model, fix = f"model.mask.heads (preset {preset})", "set model.mask.heads = 'none'"
+    raise ConfigError(f"{model} needs instance masks, but {cfg.train_annotations} has none ({why}); {fix}")
+
+
+def build_train_dataset(
+    dataset: DetectionDataset, cfg: DataConfig, seed: int, with_masks: bool = False
+) -> SeededDetectionDataset:
+    """The shuffled, flipped training set; `with_masks` adds the instance masks to the targets (mask heads)."""
     if len(dataset) == 0:
         raise DatasetError("the training set has no images")
     # No resize here: the model's own transform resizes (and multi-scale passes its short side to the model).
-    torch_dataset = DetectionTorchDataset(dataset, train=True, flip_prob=cfg.flip_prob, resize=False, seed=seed)
+    torch_dataset = DetectionTorchDataset(
+        dataset, train=True, flip_prob=cfg.flip_prob, resize=False, seed=seed, with_masks=with_masks
+    )
     return SeededDetectionDataset(torch_dataset, seed)
 
 

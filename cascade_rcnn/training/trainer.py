@@ -73,6 +73,7 @@ from cascade_rcnn.training.data import (
     build_val_set,
     load_split,
     report_problems,
+    require_masks,
 )
 from cascade_rcnn.training.distributed import (
     any_flags,
@@ -171,8 +172,14 @@ class Trainer:
             raise ConfigError("train.amp = 'fp16' needs CUDA; use 'bf16' on the CPU")
         seed_everything(t.seed)
 
-        # Data.
+        # Data. The model config comes from the training set's classes; it is resolved here, first, so that a preset
+        # with mask heads on box-only data stops before anything else is loaded.
         self.train_data = load_split(exp.data, "train")
+        self.model_config: ModelConfig = resolve_model_config(
+            exp, self.train_data.num_classes, tuple(self.train_data.class_names)
+        )
+        if self.model_config.has_masks:
+            require_masks(self.train_data, exp.data, exp.preset)
         self.val = build_val_set(exp.data) if exp.data.val_images else None
         for split, dataset in (("train", self.train_data), ("val", self.val.dataset if self.val else None)):
             message = report_problems(dataset, split) if dataset is not None else None
@@ -183,14 +190,11 @@ class Trainer:
                 f"the val set's classes {list(self.val.dataset.class_names)} differ from the training set's "
                 f"{list(self.train_data.class_names)}"
             )
-        self.train_set = build_train_dataset(self.train_data, exp.data, t.seed)
+        self.train_set = build_train_dataset(self.train_data, exp.data, t.seed, with_masks=self.model_config.has_masks)
         self.sampler = build_batch_sampler(self.train_data, t.batch_size, t.seed, self.info.rank, self.info.world_size)
         self.loader_generator = torch.Generator().manual_seed(t.seed)
 
         # Model.
-        self.model_config: ModelConfig = resolve_model_config(
-            exp, self.train_data.num_classes, tuple(self.train_data.class_names)
-        )
         self.model: CascadeRCNN = build_model(self.model_config)
         if state is None:
             self._initialise_weights()
