@@ -33,7 +33,7 @@ from cascade_rcnn.data.dataset import DetectionDataset
 from cascade_rcnn.data.image_io import load_image
 from cascade_rcnn.data.masks import record_masks
 from cascade_rcnn.errors import DatasetError
-from cascade_rcnn.modeling.transform import resize_bilinear_cv2
+from cascade_rcnn.modeling.transform import resize_bilinear_cv2, resize_masks
 
 
 def keep_ratio_scale(height: int, width: int, short: int, long: int) -> float:
@@ -75,19 +75,6 @@ def hflip(image: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch
     flipped[:, 0] = width - boxes[:, 2]
     flipped[:, 2] = width - boxes[:, 0]
     return image.flip(-1), flipped
-
-
-def resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Nearest-neighbour resize of (G, H, W) masks to (G, H', W') = `size`, as OpenCV's INTER_NEAREST (mmcv's
-    `BitmapMasks.rescale`): output row i takes input row ``floor(i * (1 / (H' / H)))``, clamped to H - 1 (OpenCV
-    computes the factor this way, in double precision); columns likewise."""
-
-    def sources(old: int, new: int) -> torch.Tensor:
-        steps = torch.arange(new, dtype=torch.float64) * (1.0 / (new / old))
-        return steps.floor().long().clamp(max=old - 1)
-
-    rows, cols = sources(masks.shape[-2], size[0]), sources(masks.shape[-1], size[1])
-    return masks.index_select(-2, rows).index_select(-1, cols)
 
 
 def choose_short_side(rng: random.Random, scale: tuple[int, int], short_sides: Sequence[int] | None) -> int:

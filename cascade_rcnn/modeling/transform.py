@@ -257,14 +257,17 @@ def boxes_to_original(boxes: Tensor, scale_factors: Tensor) -> Tensor:
 
 
 def resize_masks(masks: Tensor, size: tuple[int, int]) -> Tensor:
-    """Nearest-neighbour resize of masks (G, H, W) to (G, h, w) as OpenCV's INTER_NEAREST (mmcv rescales masks so):
-    source index floor(i * H / h) in float64, clamped."""
-    (h, w), (src_h, src_w) = size, masks.shape[-2:]
-    if (h, w) == (src_h, src_w):
+    """Nearest-neighbour resize of masks (G, H, W) to (G, h, w) = `size`, as OpenCV's INTER_NEAREST (mmcv's
+    `BitmapMasks.rescale`): output row i takes input row floor(i * (1 / (h / H))), clamped to H - 1 (OpenCV computes
+    the factor this way, in double precision); columns likewise."""
+    if tuple(size) == tuple(masks.shape[-2:]):
         return masks
-    rows = (torch.arange(h, dtype=torch.float64) * (src_h / h)).floor().long().clamp(max=src_h - 1)
-    cols = (torch.arange(w, dtype=torch.float64) * (src_w / w)).floor().long().clamp(max=src_w - 1)
-    return masks.index_select(-2, rows.to(masks.device)).index_select(-1, cols.to(masks.device))
+
+    def sources(old: int, new: int) -> Tensor:
+        steps = torch.arange(new, dtype=torch.float64) * (1.0 / (new / old))
+        return steps.floor().long().clamp(max=old - 1).to(masks.device)
+
+    return masks.index_select(-2, sources(masks.shape[-2], size[0])).index_select(-1, sources(masks.shape[-1], size[1]))
 
 
 def resize_bilinear_cv2(image: Tensor, size: tuple[int, int]) -> Tensor:
