@@ -154,3 +154,30 @@ def test_predicted_masks_are_in_original_pixels_and_batched_equals_single() -> N
                 assert ys.min() >= box[1].floor() - 1 and ys.max() < box[3].ceil() + 1
     kept = batched[0].filter(float(batched[0].scores.median()))
     assert kept.masks.shape[0] == len(kept)
+
+
+def test_cli_trains_a_mask_preset_on_coco128_masks(tmp_path) -> None:
+    """Real COCO polygons, RLE and crowd masks (coco128 train) through the dataset, the flip, the model's resize and the
+    mask loss of every stage, by the `train` command."""
+    import json
+
+    from helpers import require_coco128
+    from test_training_fixtures import run_cli
+
+    coco128 = require_coco128()
+    out = tmp_path / "run"
+    done = run_cli(
+        "train", "--preset", "cascade_mask_rcnn_r50_fpn",
+        "--train-images", str(coco128 / "train2017"),
+        "--train-annotations", str(coco128 / "annotations" / "instances_train2017.json"),
+        "--output-dir", str(out), "--batch-size", "2", "--max-iters", "2", "--workers", "0", "--progress", "off",
+        "--set", "model.transform.min_size=128", "--set", "model.transform.max_size=192",
+        "--set", "model.rpn.post_nms_top_n_train=200", "--set", "model.cascade.batch_size_per_image=64",
+        "--set", "train.calibration_images=2", "--set", "train.log_interval=1",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    logged = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == "train"]
+    assert len(logged) == 2
+    for record in logged:
+        mask_losses = [record[f"loss_mask_stage{s}"] for s in range(3)]
+        assert all(0.0 < value < 100.0 for value in mask_losses), record
