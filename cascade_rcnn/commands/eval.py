@@ -1,4 +1,4 @@
-"""`cascade-rcnn eval`: COCO box metrics (pycocotools) of a results file, or of a model run over a COCO-format set.
+"""`cascade-rcnn eval`: COCO box (and mask) metrics (pycocotools) of a results file, or of a model run over a COCO set.
 
 Two modes:
 
@@ -11,6 +11,13 @@ Two modes:
 
 Both print the 12 COCO metrics and the per-class AP, and with `--out` write `metrics.json`, `per_class_ap.json` and
 the precision-recall curves (`pr_curves.png`, `pr_curves/pr_iou0.50.png` ...).
+
+Masks: a mask model's `detections.json` holds each detection's `segmentation` (COCO compressed RLE); such a model,
+or a `--detections` file whose entries carry `segmentation`, is scored twice, with box IoU ("bbox") and with mask IoU
+("segm"), each table printed under its name; the segm files end in `_segm` (`metrics_segm.json`,
+`per_class_ap_segm.json`, `pr_curves_segm.png` ...). Segm scoring needs an annotation file with a mask for every
+object; without one (coco128's val file has boxes only) one line says why it is skipped, and the box metrics are
+reported as usual.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from pycocotools.coco import COCO
+
 from cascade_rcnn.commands.predict import (
     BATCH_HELP,
     add_bf16_argument,
@@ -29,6 +38,7 @@ from cascade_rcnn.commands.predict import (
     default_batch_size,
     load_detector,
     make_output_dir,
+    model_has_masks,
     predict_batch,
 )
 from cascade_rcnn.data.dataset import is_file
@@ -37,12 +47,15 @@ from cascade_rcnn.errors import CascadeRCNNError, DatasetError, ImageReadError
 from cascade_rcnn.evaluation.coco import (
     CocoResultsWriter,
     EvalResult,
+    check_segm_ground_truth,
     evaluate_coco,
+    has_segmentation_results,
     load_coco_gt,
+    load_detections,
     map_labels_to_category_ids,
 )
 
-HELP = "COCO box metrics of a detections file, or of a model run over a COCO-format image set."
+HELP = "COCO box (and mask) metrics of a detections file, or of a model run over a COCO-format image set."
 
 _STAGE_TABLE_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -88,8 +101,12 @@ def run(args: argparse.Namespace) -> int:
             return 2
         if args.out is not None:
             make_output_dir(args.out)
-        result = evaluate_coco(args.annotations, args.detections, out_dir=args.out)
-        print(result.format_table())
+        gt = load_coco_gt(args.annotations)
+        detections = load_detections(args.detections)
+        segm = has_segmentation_results(detections) and _segm_available(gt, args.annotations)
+        results = [evaluate_coco(gt, detections, out_dir=args.out, iou_type=iou_type, source=str(args.detections))
+                   for iou_type in (("bbox", "segm") if segm else ("bbox",))]  # fmt: skip
+        print(format_results(results))
         if args.out is not None:
             print(f"\nmetrics and precision-recall curves written to {args.out}")
         return 0
@@ -111,7 +128,8 @@ def _run_model(args: argparse.Namespace, out_dir: Path, write_extras: bool = Tru
     if not args.images.is_dir():
         raise DatasetError(f"{args.images}: images folder not found")
     unnamed = [f"image id {image['id']}: 'file_name' is {image.get('file_name')!r}, expected a non-empty string"
-               for image in images if not isinstance(image.get("file_name"), str) or not image["file_name"]]  # fmt: skip
+               for image in images
+               if not isinstance(image.get("file_name"), str) or not image["file_name"]]  # fmt: skip
     if unnamed:
         raise DatasetError(f"{args.annotations}: images without a file name", unnamed)
     missing = [f"{args.images / image['file_name']} (image id {image['id']})" for image in images
@@ -124,6 +142,9 @@ def _run_model(args: argparse.Namespace, out_dir: Path, write_extras: bool = Tru
     batch_size = args.batch_size or default_batch_size(detector)
     category_ids, how = map_labels_to_category_ids(tuple(detector.class_names), gt)
     print(f"model labels -> annotation category ids: {how}", file=sys.stderr)
+    # Decided before the model runs: a skipped segm evaluation is said at once, a malformed mask fails at once.
+    masks = model_has_masks(detector)
+    segm = masks and _segm_available(gt, args.annotations)
 
     evaluated_ids: list[int] = []
     failed: list[str] = []
@@ -146,7 +167,7 @@ def _run_model(args: argparse.Namespace, out_dir: Path, write_extras: bool = Tru
                     detector, [pixels for _, pixels in loaded], batch_size, return_stages=args.per_stage
                 )
                 for (image, _), det in zip(loaded, outputs, strict=True):
-                    writer.add(image["id"], det.boxes, det.scores, det.labels)
+                    writer.add(image["id"], det.boxes, det.scores, det.labels, masks=det.masks if masks else None)
                     evaluated_ids.append(image["id"])
                     if args.per_stage:
                         if not det.stages:
@@ -164,10 +185,11 @@ def _run_model(args: argparse.Namespace, out_dir: Path, write_extras: bool = Tru
         # Score only the images the model saw: counting unreadable images' objects as missed would understate AP.
         print(f"warning: {len(failed)} images could not be read; metrics cover the other {len(evaluated_ids)}",
               file=sys.stderr)  # fmt: skip
-    result = evaluate_coco(
-        gt, out_dir / "detections.json", out_dir=out_dir if write_extras else None, image_ids=evaluated_ids
-    )
-    print(result.format_table())
+    results = [evaluate_coco(gt, out_dir / "detections.json", out_dir=out_dir if write_extras else None,
+                             image_ids=evaluated_ids, iou_type=iou_type)
+               for iou_type in (("bbox", "segm") if segm else ("bbox",))]  # fmt: skip
+    result = results[0]
+    print(format_results(results))
     if args.per_stage:
         stage_results = []
         for k, stage_writer in enumerate(stage_writers, start=1):
@@ -180,6 +202,21 @@ def _run_model(args: argparse.Namespace, out_dir: Path, write_extras: bool = Tru
     if write_extras:
         print(f"\ndetections, metrics and precision-recall curves written to {out_dir}")
     return 1 if failed else 0
+
+
+def _segm_available(gt: COCO, annotations: Path) -> bool:
+    """Whether the annotation file can score masks; when not, says why on one line (the box metrics still follow)."""
+    reason = check_segm_ground_truth(gt, str(annotations))
+    if reason:
+        print(f"segm evaluation skipped: {reason}; reporting bbox metrics only", file=sys.stderr)
+    return reason is None
+
+
+def format_results(results: list[EvalResult]) -> str:
+    """The metrics table of one result as it is; several (bbox and segm) each under its IoU type's name."""
+    if len(results) == 1:
+        return results[0].format_table()
+    return "\n\n".join(f"{result.iou_type}\n{result.format_table()}" for result in results)
 
 
 def format_stage_table(rows: list[tuple[str, EvalResult]]) -> str:

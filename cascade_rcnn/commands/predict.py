@@ -1,8 +1,10 @@
 """`cascade-rcnn predict`: run a detector over image files, folders and globs; write COCO results and drawn pictures.
 
 Writes `OUT/detections.json` (COCO results format: `image_id`, `file_name`, `category_id`, `category_name`, `bbox` as
-`[x, y, w, h]`, `score`) and `OUT/images/<name>` with the boxes drawn. An input that cannot be read is reported by name
-on stderr and skipped; the rest are still processed, and the exit code is 1.
+`[x, y, w, h]`, `score`, and for a mask model `segmentation`, the instance mask as COCO compressed RLE) and
+`OUT/images/<name>` with the boxes (and masks) drawn. `--save-masks` also writes `OUT/masks/<stem>.png`, an instance-id
+image per input (see `MASKS_HELP`). An input that cannot be read is reported by name on stderr and skipped; the rest
+are still processed, and the exit code is 1.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from cascade_rcnn.config import COCO_CLASSES
 from cascade_rcnn.data.image_io import load_image
@@ -59,7 +62,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--backend", choices=["torch", "onnxruntime"], default="torch",
         help="torch, or onnxruntime: run an exported .onnx file (or export --weights on the fly) with ONNX Runtime",
     )  # fmt: skip
+    parser.add_argument("--save-masks", action="store_true", help=MASKS_HELP)
 
+
+MASKS_HELP = (
+    "mask models: also write one PNG per image to DIR/masks (named as its picture in DIR/images, with .png), 16-bit "
+    "grayscale instance ids: 0 is background, i+1 the i-th of the image's detections in detections.json (the kept "
+    "ones, by decreasing score); where masks overlap, the higher-scoring detection's id"
+)
 
 BATCH_HELP = "images per forward pass (default: 1 on the CPU, where batches are slower per image; 2 on a GPU)"
 
@@ -119,6 +129,12 @@ def load_detector(weights: str, device: str | None, preset: str | None, bf16: bo
     return Detector.from_weights(weights, device=resolve_device(device), preset=preset, bf16=bf16)
 
 
+def model_has_masks(detector: Any) -> bool:
+    """Whether the model predicts instance masks (its config's `has_masks`); False for detectors without a config."""
+    config = getattr(detector, "config", None)
+    return bool(config is not None and getattr(config, "has_masks", False))
+
+
 def coco_wh_plus_one(detector: Any) -> bool:
     """Whether the model writes COCO boxes with w = x2 - x1 + 1 (its config's `postprocess.coco_wh_plus_one`: the
     seed's MindSpore convention); False for detectors without a config."""
@@ -142,6 +158,7 @@ class InputImage:
     path: Path
     image_id: int
     output_name: str  # base name under OUT/images, unique, sanitised
+    mask_name: str  # base name under OUT/masks (--save-masks): output_name's stem + .png, unique as well
 
 
 def collect_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[str]]:
@@ -228,12 +245,33 @@ def safe_output_name(name: str, taken: set[str]) -> str:
 
 
 def plan_inputs(paths: Sequence[Path]) -> list[InputImage]:
-    """Image id and output name of each path."""
+    """Image id, output name and mask file name of each path. The mask name is the output name with `.png` for its
+    extension, and `_1`, `_2`... only where two outputs differ by extension alone (`a.jpg`, `a.png`)."""
     taken: set[str] = set()
-    return [
-        InputImage(path, image_id, safe_output_name(path.name, taken))
-        for path, image_id in zip(paths, assign_image_ids(paths), strict=True)
-    ]
+    taken_masks: set[str] = set()
+    planned = []
+    for path, image_id in zip(paths, assign_image_ids(paths), strict=True):
+        output_name = safe_output_name(path.name, taken)
+        mask_name = safe_output_name(PurePosixPath(output_name).stem + ".png", taken_masks)
+        planned.append(InputImage(path, image_id, output_name, mask_name))
+    return planned
+
+
+def instance_id_image(masks: torch.Tensor | np.ndarray, height: int, width: int) -> np.ndarray:
+    """(N, H, W) bool masks -> (H, W) uint16 instance ids: 0 background, i + 1 where mask i is set; where masks
+    overlap the lowest index wins (the highest score: detections come sorted by decreasing score), as the drawing
+    puts the highest-scoring mask on top. uint16, not uint8: `postprocess.detections_per_image` may exceed 255."""
+    if isinstance(masks, torch.Tensor):
+        masks = masks.detach().cpu().numpy()
+    masks = np.asarray(masks, dtype=bool)
+    if masks.shape[1:] != (height, width):
+        raise ValueError(f"masks of shape {masks.shape} for a {width}x{height} image")
+    if len(masks) > np.iinfo(np.uint16).max:
+        raise ValueError(f"{len(masks)} masks do not fit 16-bit instance ids")
+    ids = np.zeros((height, width), np.uint16)
+    for i in range(len(masks) - 1, -1, -1):  # lowest index last: it wins where masks overlap
+        ids[masks[i]] = i + 1
+    return ids
 
 
 def parse_class_filter(text: str | None, class_names: Sequence[str]) -> set[int] | None:
@@ -278,6 +316,7 @@ def run(args: argparse.Namespace) -> int:
 
     out_dir: Path = args.out
     images_dir = make_output_dir(make_output_dir(out_dir) / "images")  # before the model loads: fail at once
+    save_masks = getattr(args, "save_masks", False)
 
     if getattr(args, "backend", "torch") == "torch":
         detector = load_detector(args.weights, args.device, args.preset, bf16=args.bf16)
@@ -287,12 +326,16 @@ def run(args: argparse.Namespace) -> int:
         from cascade_rcnn.deploy.backends import load_backend
 
         detector = load_backend(args.weights, args.backend, device=args.device, preset=args.preset)
+    if save_masks and not model_has_masks(detector):
+        raise ConfigError(f"--save-masks: the model of {args.weights} has no mask head (a box-only Cascade R-CNN); "
+                          "run without --save-masks, or with a Cascade Mask R-CNN's weights")  # fmt: skip
+    masks_dir = make_output_dir(out_dir / "masks") if save_masks else None
     batch_size = args.batch_size or default_batch_size(detector)
     class_names = tuple(detector.class_names)
     keep_labels = parse_class_filter(args.classes, class_names)
     category_ids = category_ids_for(class_names)
     failed = len(problems)
-    written_images = 0
+    written_images = written_masks = 0
     with (
         CocoResultsWriter(out_dir / "detections.json", category_ids) as writer,
         tqdm(total=len(planned), unit="img", desc="predict", file=sys.stderr) as progress,
@@ -310,26 +353,39 @@ def run(args: argparse.Namespace) -> int:
                     detector, [image for _, image in loaded], batch_size, score_thresh=args.score_thresh
                 )
                 for (item, image), det in zip(loaded, outputs, strict=True):
-                    boxes, scores, labels = _filtered(det, args.score_thresh, keep_labels)
-                    results = detections_to_coco(
-                        item.image_id, boxes, scores, labels, category_ids, wh_plus_one=coco_wh_plus_one(detector)
-                    )
+                    boxes, scores, labels, masks = _filtered(det, args.score_thresh, keep_labels)
+                    results = detections_to_coco(item.image_id, boxes, scores, labels, category_ids,
+                                                 wh_plus_one=coco_wh_plus_one(detector), masks=masks)  # fmt: skip
                     writer.add_results(
                         {"image_id": r["image_id"], "file_name": item.path.name, "category_id": r["category_id"],
-                         "category_name": class_names[label], "bbox": r["bbox"], "score": r["score"]}
+                         "category_name": class_names[label], "bbox": r["bbox"], "score": r["score"],
+                         **({"segmentation": r["segmentation"]} if "segmentation" in r else {})}
                         for r, label in zip(results, labels.tolist(), strict=True)
                     )  # fmt: skip
+                    item_failed = False
                     try:
-                        draw_detections(image, boxes, scores, labels, class_names).save(images_dir / item.output_name)
+                        drawn = draw_detections(image, boxes, scores, labels, class_names, masks=masks)
+                        drawn.save(images_dir / item.output_name)
                         written_images += 1
                     except (OSError, ValueError) as error:
                         progress.write(
                             f"skipped {item.path}: cannot write {item.output_name} ({error})", file=sys.stderr
                         )
-                        failed += 1
+                        item_failed = True
+                    if masks_dir is not None:
+                        try:
+                            ids = instance_id_image(_or_empty(masks, image), *image.shape[:2])
+                            Image.fromarray(ids).save(masks_dir / item.mask_name)
+                            written_masks += 1
+                        except (OSError, ValueError) as error:
+                            progress.write(f"{item.path}: cannot write masks/{item.mask_name} ({error})",
+                                           file=sys.stderr)  # fmt: skip
+                            item_failed = True
+                    failed += item_failed
             progress.update(len(chunk))
 
-    print(f"{written_images} images and {writer.count} detections written to {out_dir}")
+    masks_note = f", {written_masks} mask images" if masks_dir is not None else ""
+    print(f"{written_images} images{masks_note} and {writer.count} detections written to {out_dir}")
     if failed:
         print(f"{failed} input(s) failed; see the messages above", file=sys.stderr)
         return 1
@@ -338,12 +394,20 @@ def run(args: argparse.Namespace) -> int:
 
 def _filtered(
     det: Any, score_thresh: float, keep_labels: set[int] | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The detection's boxes, scores, labels with score >= `score_thresh` and, when given, label in `keep_labels`."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The detection's boxes, scores, labels and masks (None for a box-only model) with score >= `score_thresh` and,
+    when given, label in `keep_labels`: a dropped detection takes its mask with it."""
     boxes = torch.as_tensor(det.boxes).detach().cpu().reshape(-1, 4)
     scores = torch.as_tensor(det.scores).detach().cpu().reshape(-1)
     labels = torch.as_tensor(det.labels).detach().cpu().reshape(-1).long()
+    masks = getattr(det, "masks", None)
     keep = scores >= score_thresh
     if keep_labels is not None:
         keep &= torch.isin(labels, torch.tensor(sorted(keep_labels), dtype=torch.long))
-    return boxes[keep], scores[keep], labels[keep]
+    kept_masks = None if masks is None else torch.as_tensor(masks).detach().cpu()[keep]
+    return boxes[keep], scores[keep], labels[keep], kept_masks
+
+
+def _or_empty(masks: torch.Tensor | None, image: np.ndarray) -> torch.Tensor:
+    """`masks`, or no masks at the image's size (a detector that returned none for this image)."""
+    return masks if masks is not None else torch.zeros((0, *image.shape[:2]), dtype=torch.bool)

@@ -1,10 +1,12 @@
-"""COCO box evaluation: a thin wrapper around pycocotools' `COCOeval`, plus a streaming results writer.
+"""COCO box and mask evaluation: a thin wrapper around pycocotools' `COCOeval`, plus a streaming results writer.
 
 The numbers are pycocotools' own: `evaluate_coco` only validates the inputs, runs `COCOeval.evaluate / accumulate /
 summarize` with stdout silenced, and reads `stats` and `eval["precision"]`. Nothing of COCOeval is re-implemented.
 
 Detections flow through this module in the COCO *results* format: one dict per box,
-`{"image_id": int, "category_id": int, "bbox": [x, y, w, h], "score": float}` in original-image pixels.
+`{"image_id": int, "category_id": int, "bbox": [x, y, w, h], "score": float}` in original-image pixels; a mask
+model's dicts also hold `"segmentation": {"size": [H, W], "counts": str}` (pycocotools' compressed RLE of the instance
+mask over the original image, as mmdetection and detectron2 write their segm results).
 `CocoResultsWriter` turns per-image model outputs (`xyxy` boxes, 0-based contiguous labels) into such dicts and appends
 them to a JSON file as they come, so a long evaluation holds one batch of detections in memory, not the whole set.
 """
@@ -27,7 +29,9 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from cascade_rcnn.data.masks import check_segmentation, has_segmentation
 from cascade_rcnn.errors import DatasetError
+from cascade_rcnn.evaluation.rle import encode_masks
 
 # The 12 numbers of `COCOeval.stats`, in its order.
 METRIC_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -197,6 +201,7 @@ def detections_to_coco(
     category_ids: Sequence[int | None],
     *,
     wh_plus_one: bool = False,
+    masks: torch.Tensor | np.ndarray | None = None,
     **extra: Any,
 ) -> list[dict[str, Any]]:
     """Convert one image's detections to COCO results dicts.
@@ -208,10 +213,13 @@ def detections_to_coco(
         labels: (N,) 0-based contiguous labels; `category_ids[label]` is the COCO id written, None drops the box.
         wh_plus_one: write w = x2 - x1 + 1, h = y2 - y1 + 1 (a model's `postprocess.coco_wh_plus_one`: the seed's
             MindSpore det2json) instead of x2 - x1, y2 - y1.
+        masks: (N, H, W) bool instance masks over the original image (mask models), written as `segmentation`
+            (compressed RLE, `evaluation.rle.encode_masks`); None writes no `segmentation` key.
         extra: more keys copied into every dict (e.g. `file_name`).
 
     Returns:
-        One dict per kept box, `bbox` as `[x, y, w, h]` (float64 of the input values, not rounded).
+        One dict per kept box, `bbox` as `[x, y, w, h]` (float64 of the input values, not rounded), and
+        `segmentation` after `score` when `masks` is given.
     """
     boxes_xyxy = _as_numpy(boxes, np.float64).reshape(-1, 4)
     scores_np = _as_numpy(scores, np.float64).reshape(-1)
@@ -226,18 +234,22 @@ def detections_to_coco(
             f"label {int(bad[0])} has no category id: the label map has {len(category_ids)} entries "
             "(the model's classes do not fit the annotation file)"
         )
+    if masks is not None and len(masks) != len(labels_np):
+        raise ValueError(f"{len(masks)} masks for {len(labels_np)} detections")
     boxes_xywh = boxes_xyxy.copy()
     boxes_xywh[:, 2:] -= boxes_xyxy[:, :2]
     if wh_plus_one:
         boxes_xywh[:, 2:] += 1.0
+    kept = [i for i, label in enumerate(labels_np.tolist()) if category_ids[label] is not None]
+    # Only the kept masks are encoded: the RLE is the costly part of a mask model's results.
+    rles = encode_masks(masks[kept]) if masks is not None else None
     results = []
-    for box, score, label in zip(boxes_xywh.tolist(), scores_np.tolist(), labels_np.tolist(), strict=True):
-        category_id = category_ids[label]
-        if category_id is None:
-            continue
-        results.append(
-            {"image_id": int(image_id), "category_id": int(category_id), "bbox": box, "score": score, **extra}
-        )
+    for n, i in enumerate(kept):
+        result = {"image_id": int(image_id), "category_id": int(category_ids[labels_np[i]]),
+                  "bbox": boxes_xywh[i].tolist(), "score": float(scores_np[i])}  # fmt: skip
+        if rles is not None:
+            result["segmentation"] = rles[n]
+        results.append({**result, **extra})
     return results
 
 
@@ -269,12 +281,14 @@ class CocoResultsWriter:
         boxes: torch.Tensor | np.ndarray,
         scores: torch.Tensor | np.ndarray,
         labels: torch.Tensor | np.ndarray,
+        masks: torch.Tensor | np.ndarray | None = None,
         **extra: Any,
     ) -> int:
-        """Write one image's detections (see `detections_to_coco`); returns how many dicts were written."""
-        return self.add_results(
-            detections_to_coco(image_id, boxes, scores, labels, self.category_ids, wh_plus_one=self.wh_plus_one, **extra)
-        )
+        """Write one image's detections (see `detections_to_coco`; `masks` adds `segmentation`); returns how many
+        dicts were written."""
+        return self.add_results(detections_to_coco(
+            image_id, boxes, scores, labels, self.category_ids, wh_plus_one=self.wh_plus_one, masks=masks, **extra
+        ))  # fmt: skip
 
     def add_results(self, results: Iterable[dict[str, Any]]) -> int:
         """Write ready-made COCO results dicts; returns how many."""
@@ -322,6 +336,7 @@ class EvalResult:
         recall_thresholds: (R,) the recall points 0.00 ... 1.00.
         category_names: (K,) names along the precision array's K axis.
         num_detections: how many detections were evaluated.
+        iou_type: "bbox" (box IoU) or "segm" (mask IoU).
     """
 
     metrics: dict[str, float]
@@ -332,6 +347,21 @@ class EvalResult:
     category_names: list[str]
     num_detections: int
     files: list[Path] = field(default_factory=list)  # files written by `evaluate_coco(out_dir=...)`
+    iou_type: str = "bbox"
+
+    def write_files(self, out_dir: str | Path) -> list[Path]:
+        """Write `metrics.json` (the 12 metrics), `per_class_ap.json` and the PR-curve PNGs (`write_pr_curves`) to
+        `out_dir`; a segm result's names end in `_segm` (`metrics_segm.json`, `pr_curves_segm/...`), so both fit in
+        one folder and the box files keep their names. Adds the paths to `files` and returns them."""
+        out_dir = Path(out_dir)
+        suffix = "" if self.iou_type == "bbox" else f"_{self.iou_type}"
+        written = [self.write_json(out_dir / f"metrics{suffix}.json")]
+        per_class_path = out_dir / f"per_class_ap{suffix}.json"
+        per_class_path.write_text(json.dumps(self.per_class, indent=2) + "\n", encoding="utf-8")
+        written.append(per_class_path)
+        written += self.write_pr_curves(out_dir, name=f"pr_curves{suffix}")
+        self.files += written
+        return written
 
     def format_table(self) -> str:
         """The 12 metrics (as `COCOeval.summarize` lists them) and the per-class AP, as fixed-width text."""
@@ -364,16 +394,17 @@ class EvalResult:
         path.write_text(json.dumps(self.metrics, indent=2) + "\n", encoding="utf-8")
         return path
 
-    def write_pr_curves(self, out_dir: str | Path) -> list[Path]:
-        """Write precision-recall curve PNGs: `pr_curves/pr_iou0.50.png` ... `pr_iou0.95.png` (one per IoU
-        threshold) and `pr_curves.png` with all of them on one plot. Returns the paths written."""
+    def write_pr_curves(self, out_dir: str | Path, name: str = "pr_curves") -> list[Path]:
+        """Write precision-recall curve PNGs: `<name>/pr_iou0.50.png` ... `pr_iou0.95.png` (one per IoU
+        threshold) and `<name>.png` with all of them on one plot. Returns the paths written."""
         # Figure + Agg canvas directly, not pyplot: no global backend switch, no GUI, safe in threads and on servers.
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
         out_dir = Path(out_dir)
-        (out_dir / "pr_curves").mkdir(parents=True, exist_ok=True)
+        (out_dir / name).mkdir(parents=True, exist_ok=True)
         recall = self.recall_thresholds
+        kind = "" if self.iou_type == "bbox" else f"{self.iou_type} "  # box titles as they always were
         written: list[Path] = []
 
         def save(figure: Figure, path: Path) -> None:
@@ -390,11 +421,11 @@ class EvalResult:
             figure = Figure(figsize=(5, 4))
             ax = figure.add_subplot()
             _plot_curve(ax, recall, curve, label)
-            ax.set_title(f"precision-recall, IoU {iou:.2f} (mean over categories)")
-            save(figure, out_dir / "pr_curves" / f"pr_iou{iou:.2f}.png")
+            ax.set_title(f"{kind}precision-recall, IoU {iou:.2f} (mean over categories)")
+            save(figure, out_dir / name / f"pr_iou{iou:.2f}.png")
             _plot_curve(combined_ax, recall, curve, label, legend_outside=True)
-        combined_ax.set_title("precision-recall per IoU threshold (mean over categories)")
-        save(combined, out_dir / "pr_curves.png")
+        combined_ax.set_title(f"{kind}precision-recall per IoU threshold (mean over categories)")
+        save(combined, out_dir / f"{name}.png")
         return written
 
 
@@ -433,27 +464,77 @@ def load_detections(path: str | Path) -> list[dict[str, Any]]:
     return detections
 
 
-def _validate_detections(detections: list[Any], gt: COCO, source: str) -> None:
+def has_segmentation_results(detections: list[Any]) -> bool:
+    """Whether COCO results carry masks: any dict with a `segmentation` key (a mask model's results)."""
+    return any(isinstance(det, dict) and "segmentation" in det for det in detections)
+
+
+def check_segm_ground_truth(gt: COCO, source: str = "the annotation file") -> str | None:
+    """Why `gt` cannot score masks, in words, or None when it can.
+
+    Segm evaluation needs a mask for every object: a file whose annotations have no `segmentation` (None or `[]`,
+    what box-only exporters and coco128's val file write) or only some of them (the others would be unmatchable
+    objects, lowering AP for nothing the model did) gives a reason; so does an image without an integer `height`
+    and `width` (pycocotools rasterises the polygons at that size). A file without annotations can be scored.
+
+    Raises:
+        DatasetError: segmentations that pycocotools' C code cannot take safely (`data.masks.check_segmentation`:
+            short polygons, far-out points, RLEs of the wrong size), all of them listed.
+    """
+    annotations = gt.dataset.get("annotations", [])
+    missing = sum(not has_segmentation(ann.get("segmentation")) for ann in annotations)
+    if annotations and missing == len(annotations):
+        return f"{source} has no instance masks (no annotation has a 'segmentation')"
+    if missing:
+        return f"{missing} of the {len(annotations)} annotations of {source} have no 'segmentation'"
+    unsized = [image.get("id") for image in gt.dataset["images"]
+               if not all(_is_positive_int(image.get(key)) for key in ("height", "width"))]  # fmt: skip
+    if unsized:
+        return f"{len(unsized)} images of {source} have no integer 'height' and 'width' (e.g. id {unsized[0]!r})"
+    problems = []
+    for index, ann in enumerate(annotations):
+        image = gt.imgs[ann["image_id"]]
+        reason = check_segmentation(ann["segmentation"], image["height"], image["width"])
+        if reason:
+            problems.append(f"annotations[{index}] (id {ann['id']}): {reason}")
+    if problems:
+        raise DatasetError(f"{source}: {len(problems)} unusable segmentations", problems)
+    return None
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _validate_detections(detections: list[Any], gt: COCO, source: str, iou_type: str = "bbox") -> None:
     """Raise `DatasetError` listing malformed detections and unknown image / category ids (pycocotools would
-    otherwise fail with a bare assertion, or silently ignore unknown categories)."""
+    otherwise fail with a bare assertion, or silently ignore unknown categories). For "segm" each detection needs a
+    `segmentation` RLE of its image's size with compressed (string) counts, as `loadRes` takes them; the counts are
+    not decoded here (that would cost as much as the evaluation), and `bbox` may be absent."""
     problems: list[str] = []
     unknown_images: dict[Any, int] = {}
     unknown_categories: dict[Any, int] = {}
+    required = ("image_id", "category_id", "bbox", "score") if iou_type == "bbox" else (
+        "image_id", "category_id", "segmentation", "score")  # fmt: skip
     for index, det in enumerate(detections):
         if not isinstance(det, dict):
             problems.append(f"{source}[{index}]: not an object")
             continue
-        missing = [key for key in ("image_id", "category_id", "bbox", "score") if key not in det]
+        missing = [key for key in required if key not in det]
         if missing:
             problems.append(f"{source}[{index}]: missing {', '.join(missing)}")
             continue
-        bbox = det["bbox"]
-        if (
-            not isinstance(bbox, list)
-            or len(bbox) != 4
-            or not all(_is_finite_number(v) for v in bbox)
+        bbox = det.get("bbox")
+        if "bbox" in required and not (
+            isinstance(bbox, list) and len(bbox) == 4 and all(_is_finite_number(v) for v in bbox)
         ):
             problems.append(f"{source}[{index}]: bbox must be 4 finite numbers [x, y, w, h], got {bbox!r}")
+        if "segmentation" in required:
+            image_id = det["image_id"]
+            image = gt.imgs.get(image_id) if isinstance(image_id, (int, float, str)) else None
+            problem = _rle_result_problem(det["segmentation"], image)
+            if problem:
+                problems.append(f"{source}[{index}]: {problem}")
         score = det["score"]
         if not _is_finite_number(score):
             problems.append(f"{source}[{index}]: score must be a finite number, got {score!r}")
@@ -474,6 +555,19 @@ def _validate_detections(detections: list[Any], gt: COCO, source: str) -> None:
         raise DatasetError(f"{source}: {len(problems)} problems with the detections", problems)
 
 
+def _rle_result_problem(segmentation: Any, image: dict[str, Any] | None) -> str | None:
+    """What is wrong with a results `segmentation` for `image` (None: an unknown image, reported elsewhere)."""
+    if not (isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), (str, bytes))):
+        return f"segmentation must be a compressed RLE {{'size': [H, W], 'counts': str}}, got {_short(segmentation)}"
+    size = segmentation.get("size")
+    if not (isinstance(size, list) and len(size) == 2 and all(_is_positive_int(v) for v in size)):
+        return f"segmentation 'size' must be [height, width], got {_short(size)}"
+    expected = None if image is None else [image.get("height"), image.get("width")]
+    if expected is not None and size != expected:
+        return f"segmentation size {size} differs from the image's [height, width] {expected}"
+    return None
+
+
 def evaluate_coco(
     gt: str | Path | COCO,
     detections: list[dict[str, Any]] | str | Path,
@@ -481,6 +575,7 @@ def evaluate_coco(
     out_dir: str | Path | None = None,
     iou_type: str = "bbox",
     image_ids: Iterable[int] | None = None,
+    source: str | None = None,
 ) -> EvalResult:
     """Evaluate COCO results against COCO annotations with pycocotools.
 
@@ -489,10 +584,16 @@ def evaluate_coco(
         detections: COCO results dicts, or a results JSON file. The caller's list is not modified (pycocotools adds
             keys to what it is given, so it gets copies).
         out_dir: when given, writes `metrics.json` (the 12 metrics), `per_class_ap.json` and the PR-curve PNGs
-            (`EvalResult.write_pr_curves`) there.
-        iou_type: only "bbox": this project predicts boxes, and pycocotools' "segm" needs mask results.
+            there (`EvalResult.write_files`; `metrics_segm.json` ... for "segm").
+        iou_type: "bbox", or "segm" (mask IoU of the results' `segmentation` RLEs; the annotation file needs masks,
+            see `check_segm_ground_truth`).
         image_ids: evaluate only these images (default: every image of the annotation file, so an image without
             detections counts its objects as missed).
+        source: what error messages call the detections (default: the file's path, or "detections" for a list).
+
+    For "segm" the results go to pycocotools without their `bbox`, as mmdetection's CocoMetric and detectron2's
+    COCOEvaluator pass them: given a `bbox`, `loadRes` would take the box area as each detection's area, and the
+    small/medium/large split would differ from the masks' (AP over all areas is the same either way).
 
     An empty detection list is evaluated, not refused: pycocotools' `loadRes` cannot load one, so an empty results
     set is built directly and COCOeval runs as usual. The metrics are then what COCOeval reports for no detections:
@@ -500,18 +601,25 @@ def evaluate_coco(
 
     Raises:
         DatasetError: unreadable files, malformed detections, or detections whose image or category id is not in
-            the annotation file (all of them listed).
+            the annotation file (all of them listed); for "segm", an annotation file without usable masks.
     """
-    if iou_type != "bbox":
-        raise ValueError(f"iou_type {iou_type!r} is not supported: only 'bbox'")
-    source = str(detections) if isinstance(detections, (str, Path, os.PathLike)) else "detections"
+    if iou_type not in ("bbox", "segm"):
+        raise ValueError(f"iou_type {iou_type!r} is not supported: 'bbox' or 'segm'")
+    if source is None:
+        source = str(detections) if isinstance(detections, (str, Path, os.PathLike)) else "detections"
     coco_gt = load_coco_gt(gt)
+    if iou_type == "segm":
+        named = str(gt) if isinstance(gt, (str, Path, os.PathLike)) else "the annotation file"
+        reason = check_segm_ground_truth(coco_gt, named)
+        if reason:
+            raise DatasetError(f"cannot evaluate masks: {reason}")
     dets = load_detections(detections) if isinstance(detections, (str, Path, os.PathLike)) else detections
-    _validate_detections(dets, coco_gt, source)
+    _validate_detections(dets, coco_gt, source, iou_type)
 
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress on stdout
         if dets:
-            coco_dt = coco_gt.loadRes([dict(det) for det in dets])
+            dropped = ("bbox",) if iou_type == "segm" else ()  # see the docstring
+            coco_dt = coco_gt.loadRes([{k: v for k, v in det.items() if k not in dropped} for det in dets])
         else:
             coco_dt = COCO()
             coco_dt.dataset = {"images": list(coco_gt.dataset["images"]), "categories": coco_gt.dataset["categories"],
@@ -544,12 +652,8 @@ def evaluate_coco(
         recall_thresholds=np.asarray(evaluator.params.recThrs),
         category_names=names,
         num_detections=len(dets),
+        iou_type=iou_type,
     )
     if out_dir is not None:
-        out_dir = Path(out_dir)
-        result.files.append(result.write_json(out_dir / "metrics.json"))
-        per_class_path = out_dir / "per_class_ap.json"
-        per_class_path.write_text(json.dumps(per_class, indent=2) + "\n", encoding="utf-8")
-        result.files.append(per_class_path)
-        result.files += result.write_pr_curves(out_dir)
+        result.write_files(out_dir)
     return result

@@ -1,4 +1,5 @@
-"""Draw detections on an image with Pillow: one colour per class, "name 0.87" labels on a filled tag."""
+"""Draw detections on an image with Pillow: one colour per class, "name 0.87" labels on a filled tag, and a mask
+model's instance masks as translucent fills with outlines in the same colour."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from cascade_rcnn.data.image_io import to_rgb
 
@@ -69,6 +70,8 @@ def draw_detections(
     labels: torch.Tensor | np.ndarray | Sequence[int],
     class_names: Sequence[str],
     score_thresh: float = 0.0,
+    masks: torch.Tensor | np.ndarray | None = None,
+    mask_alpha: float = 0.5,
 ) -> Image.Image:
     """Return a copy of `image` with each detection whose score is >= `score_thresh` drawn on it.
 
@@ -78,11 +81,15 @@ def draw_detections(
         scores: (N,) confidences, printed with two decimals.
         labels: (N,) 0-based indices into `class_names` (a label outside it is printed as "class <label>").
         class_names: the model's class names.
-        score_thresh: boxes scoring below it are not drawn.
+        score_thresh: boxes scoring below it are not drawn (nor their masks).
+        masks: (N, H, W) bool instance masks over the image (a mask model's), or None.
+        mask_alpha: opacity of the mask fill: each masked pixel becomes (1 - alpha) * pixel + alpha * colour.
 
     Returns:
-        An RGB image of the same size. Line width and font size grow with the image so the drawing stays readable
-        on both thumbnails and large photos; the highest-scoring boxes are drawn last, so they are on top.
+        An RGB image of the same size. Masks are filled in their box's class colour and outlined in it (the mask's
+        inner boundary, one line width thick), under all boxes and tags. Line width and font size grow with the image
+        so the drawing stays readable on both thumbnails and large photos; the highest-scoring detections are drawn
+        last, so they are on top.
     """
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3):
@@ -103,10 +110,20 @@ def draw_detections(
     line_width = max(1, round(scale / 300))
     font = _font(max(10, round(scale / 45)))
     pad = max(1, line_width)
-    draw = ImageDraw.Draw(canvas)
 
     keep = np.flatnonzero((scores_np >= score_thresh) & np.isfinite(boxes_np).all(axis=1))
-    for i in keep[np.argsort(scores_np[keep], kind="stable")]:
+    order = keep[np.argsort(scores_np[keep], kind="stable")]
+    if masks is not None:
+        masks_np = _to_numpy(masks, bool)
+        if masks_np.shape != (len(boxes_np), height, width):
+            raise ValueError(f"masks of shape {masks_np.shape} for {len(boxes_np)} detections on a {width}x{height} "
+                             f"image, expected ({len(boxes_np)}, {height}, {width})")  # fmt: skip
+        # Every fill before any box: a box or its tag is never hidden under another detection's mask.
+        canvas = _overlay_masks(canvas, masks_np[order], [class_color(int(labels_np[i])) for i in order],
+                                mask_alpha, line_width)  # fmt: skip
+    draw = ImageDraw.Draw(canvas)
+
+    for i in order:
         x1, y1, x2, y2 = boxes_np[i].tolist()
         label = int(labels_np[i])
         color = class_color(label)
@@ -122,3 +139,27 @@ def draw_detections(
         draw.rectangle((tag_x, tag_y, tag_x + tag_w, tag_y + tag_h), fill=color)
         draw.text((tag_x + pad - left, tag_y + pad - top), text, fill=text_color_for(color), font=font)
     return canvas
+
+
+def _overlay_masks(
+    canvas: Image.Image, masks: np.ndarray, colors: Sequence[RGB], alpha: float, outline_width: int
+) -> Image.Image:
+    """`canvas` with each of `masks` ((N, H, W) bool, drawn in order: later ones on top) filled at opacity `alpha`
+    and outlined, `colors[i]` for mask i. Work is confined to each mask's bounding rectangle."""
+    pixels = np.array(canvas)  # (H, W, 3) uint8, a copy
+    for mask, color in zip(masks, colors, strict=True):
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        if not len(rows):
+            continue
+        # One line width of margin: the erosion below must see the mask's surroundings.
+        top, bottom = max(rows[0] - outline_width, 0), rows[-1] + outline_width + 1
+        left, right = max(cols[0] - outline_width, 0), cols[-1] + outline_width + 1
+        inside = mask[top:bottom, left:right]
+        region = pixels[top:bottom, left:right]
+        fill = np.asarray(color, np.float32)
+        region[inside] = np.round(region[inside] * (1.0 - alpha) + fill * alpha).astype(np.uint8)
+        # The outline is what a (2w+1)-pixel minimum filter (an erosion) removes: the inner boundary, w thick. Pillow
+        # extends the edge pixels, so a mask cut by the image border gets no outline along it.
+        eroded = Image.fromarray(inside.astype(np.uint8)).filter(ImageFilter.MinFilter(2 * outline_width + 1))
+        region[inside & ~np.asarray(eroded, dtype=bool)] = color
+    return Image.fromarray(pixels)
