@@ -4,6 +4,8 @@
     det = Detector(preset="cascade_rcnn_r50_fpn", num_classes=3)   # untrained
     result = det.predict("image.jpg")                       # Detections, boxes in original pixels
     results = det.predict([img_a, img_b], batch_size=2)     # list of Detections
+    result = det.predict(big_image, tile=512)               # sliced inference (`TileConfig` for the options)
+    result = det.predict("image.jpg", tta=True)             # flip TTA (`TTAConfig(scales=(0.8, 1.0, 1.2))`)
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import Tensor
 from cascade_rcnn.config import ModelConfig, get_preset
 from cascade_rcnn.data.image_io import load_image, to_rgb
 from cascade_rcnn.errors import CascadeRCNNError, CheckpointError
+from cascade_rcnn.inference import TileConfig, TTAConfig, load_pixels, predict_augmented
 from cascade_rcnn.io.weights import (
     LoadReport,
     build_loaded_model,
@@ -30,7 +33,7 @@ from cascade_rcnn.structures import Detections
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray, Tensor]
 
-__all__ = ["Detector", "Detections", "to_tensor_image"]
+__all__ = ["Detector", "Detections", "TTAConfig", "TileConfig", "to_tensor_image"]
 
 
 class Detector:
@@ -119,12 +122,21 @@ class Detector:
         batch_size: int = 1,
         score_thresh: float | None = None,
         return_stages: bool = False,
+        tile: TileConfig | int | None = None,
+        tta: TTAConfig | bool | None = None,
+        progress: bool = False,
     ) -> Detections | list[Detections]:
         """Detect objects. Takes one image or a list: paths, PIL images, (H, W, 3) uint8 RGB arrays or (3, H, W)
         RGB tensors in 0-255. A single image gives one `Detections`, a list gives a list. Boxes are in the pixels of
-        the image as given (EXIF orientation applied for files). `score_thresh` filters above the model's own."""
+        the image as given (EXIF orientation applied for files). `score_thresh` filters above the model's own.
+
+        `tile` (a `TileConfig`, or a slice size in pixels) runs sliced inference for large images; `tta` (a
+        `TTAConfig`, or True for a horizontal flip) runs test-time augmentation; both are box-only and go image by
+        image (`cascade_rcnn.inference`); `progress` shows a bar over each image's slices."""
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
+        if tile is not None or tta not in (None, False):
+            return self._predict_augmented(items, single, batch_size, score_thresh, return_stages, tile, tta, progress)
         results: list[Detections] = []
         for start in range(0, len(items), max(batch_size, 1)):
             tensors = [to_tensor_image(x).to(self.device) for x in items[start : start + batch_size]]
@@ -143,6 +155,21 @@ class Detector:
                     if det.stages is not None:
                         det.stages = [s.filter(score_thresh) for s in det.stages]
                 results.append(det)
+        return results[0] if single else results
+
+    def _predict_augmented(self, items: list, single: bool, batch_size: int, score_thresh: float | None,
+                           return_stages: bool, tile: TileConfig | int | None, tta: TTAConfig | bool | None,
+                           progress: bool) -> Detections | list[Detections]:  # fmt: skip
+        if return_stages:
+            raise CascadeRCNNError("return_stages is not available with tile or tta (their merge mixes the stages)")
+        tile = TileConfig(size=tile) if isinstance(tile, int) and not isinstance(tile, bool) else tile
+        tta = TTAConfig() if tta is True else (tta or None)
+        results = []
+        for item in items:
+            det = predict_augmented(self.inference_model, load_pixels(item), tile=tile, tta=tta, batch_size=batch_size,
+                                    device=self.device, progress=progress)  # fmt: skip
+            det = det.with_class_names(self.class_names)
+            results.append(det if score_thresh is None else det.filter(score_thresh))
         return results[0] if single else results
 
     def _group_by_padded_size(self, tensors: list[Tensor]) -> list[list[int]]:
