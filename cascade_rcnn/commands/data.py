@@ -1,25 +1,31 @@
-"""`cascade-rcnn data check|convert`: validate a dataset before a long run, or write it as COCO JSON.
+"""`cascade-rcnn data check|convert|synth`: validate a dataset before a long run, write it as COCO JSON, or generate
+the synthetic shapes set.
 
     cascade-rcnn data check --format coco --images DIR --annotations FILE
     cascade-rcnn data check --format yolo --images DIR --annotations LABEL_DIR --names names.txt
     cascade-rcnn data convert --format voc --images JPEGImages --annotations Annotations --output out.json
+    cascade-rcnn data synth --out DIR                  # the demo's set: train/, val/ (256 px), train.json, val.json
+    cascade-rcnn data synth --large --out DIR          # large images (4000x3000) with the demo's small shapes: val/
 
 `check` prints the number of images, boxes per class, how many boxes have instance masks (COCO files with
 segmentations) and every problem, and exits 1 when there are problems (0 when the dataset is clean). `convert`
 refuses a dataset with problems unless `--skip-bad` is given, in which case the bad boxes and images are left out and
-listed (a bad mask drops its box too); segmentations are written back.
+listed (a bad mask drops its box too); segmentations are written back. `synth` writes PNG + COCO JSON
+(`cascade_rcnn.data.synthetic`); `--large` is the set for sliced inference (`predict --tile`, `eval --tile`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from cascade_rcnn.data import FORMATS, load_dataset, load_image, write_coco
 from cascade_rcnn.data.dataset import DetectionDataset
 from cascade_rcnn.errors import ImageReadError
 
-HELP = "Check a detection dataset (COCO, VOC, YOLO, txt) for problems, or convert it to COCO JSON."
+HELP = "Check a detection dataset (COCO, VOC, YOLO, txt) for problems, convert it to COCO JSON, or generate one."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,12 +43,61 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     convert.add_argument(
         "--skip-bad", action="store_true", help="leave bad boxes and images out (and list them) instead of refusing"
     )
+    synth = actions.add_parser("synth", help="write the synthetic shapes set (PNG + COCO JSON)")
+    synth.add_argument("--out", required=True, type=Path, help="output folder (created; same-named files overwritten)")
+    synth.add_argument("--large", action="store_true",
+                       help="large images with small objects (the demo's shapes, 16-96 px) for sliced inference")
+    synth.add_argument("--num-images", type=_positive_int, default=8, help="--large: images (8)")
+    synth.add_argument("--image-size", type=_image_size, default=(4000, 3000), metavar="WxH",
+                       help="--large: image width x height (4000x3000)")
+    synth.add_argument("--num-train", type=_count, default=200, help="train images of the demo's set (200)")
+    synth.add_argument("--num-val", type=_count, default=50, help="val images of the demo's set (50)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed (0); the same arguments give the same files")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.action == "check":
         return _check(args)
+    if args.action == "synth":
+        return _synth(args)
     return _convert(args)
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from cascade_rcnn.data.synthetic import make_large_shapes_dataset, make_shapes_dataset
+
+    if args.large:
+        paths = make_large_shapes_dataset(args.out, num_images=args.num_images, image_size=args.image_size,
+                                          seed=args.seed)  # fmt: skip
+    else:
+        paths = make_shapes_dataset(args.out, num_train=args.num_train, num_val=args.num_val, seed=args.seed)
+    for split in ("train", "val"):
+        if f"{split}_annotations" in paths:
+            coco = json.loads(paths[f"{split}_annotations"].read_text(encoding="utf-8"))
+            print(f"{split}: {len(coco['images'])} images, {len(coco['annotations'])} boxes in "
+                  f"{paths[f'{split}_images']}, annotations {paths[f'{split}_annotations']}")  # fmt: skip
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    width, sep, height = text.lower().partition("x")
+    if not (sep and width.isdigit() and height.isdigit()) or min(int(width), int(height)) < 112:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT of at least 112x112, e.g. 4000x3000, got {text!r}")
+    return int(width), int(height)
 
 
 def _add_dataset_arguments(parser: argparse.ArgumentParser) -> None:

@@ -17,6 +17,7 @@ The same arguments give byte-identical files (numpy's PCG64 stream, Pillow's det
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,38 +84,72 @@ def make_shapes_dataset(
     paths = {"root": root}
     for split_index, (split, count) in enumerate((("train", num_train), ("val", num_val))):
         rng = np.random.default_rng([seed, split_index])
-        image_dir = root / split
-        image_dir.mkdir(parents=True, exist_ok=True)
-        images, annotations = [], []
-        for image_id in range(1, count + 1):
-            sample = render_sample(rng, (width, height))
-            file_name = f"{image_id:06d}.png"
-            Image.fromarray(sample.image).save(image_dir / file_name, format="PNG", compress_level=1)
-            images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
-            for box, label, area in zip(sample.boxes.tolist(), sample.labels.tolist(), sample.areas.tolist()):
-                x1, y1, x2, y2 = (int(v) for v in box)
-                annotations.append(
-                    {
-                        "id": len(annotations) + 1,
-                        "image_id": image_id,
-                        "category_id": label + 1,
-                        "bbox": [x1, y1, x2 - x1, y2 - y1],
-                        "area": area,
-                        "iscrowd": 0,
-                        "segmentation": [],
-                    }
-                )
-        coco = {
-            "info": {"description": f"cascade_rcnn synthetic shapes, {split}, seed {seed}"},
-            "images": images,
-            "annotations": annotations,
-            "categories": [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASS_NAMES)],
-        }
-        annotation_path = root / f"{split}.json"
-        annotation_path.write_text(json.dumps(coco, indent=1), encoding="utf-8")
-        paths[f"{split}_images"] = image_dir
-        paths[f"{split}_annotations"] = annotation_path
+        samples = (render_sample(rng, (width, height)) for _ in range(count))
+        paths.update(_write_split(root, split, samples, f"cascade_rcnn synthetic shapes, {split}, seed {seed}"))
     return paths
+
+
+def make_large_shapes_dataset(
+    out_dir: str | Path,
+    num_images: int = 8,
+    image_size: tuple[int, int] = (4000, 3000),
+    num_objects: tuple[int, int] = (30, 60),
+    seed: int = 0,
+) -> dict[str, Path]:
+    """Write a set of large images with small objects under `out_dir`: ``val/*.png`` and ``val.json``, for sliced
+    inference. The objects are the demo's shapes at the sizes the demo's model was trained on (16-96 px), drawn by the
+    same rules (`render_sample`: every class in every colour, never overlapping, exactly tight boxes), `num_objects`
+    (inclusive range) per image, on a background of the same textures at the full image size.
+
+    A model that resizes the whole image to its input size (the demo's: 256 px) sees these objects at 1-6 px; slices of
+    about its training image size show them as it was trained. Same layout and ids as `make_shapes_dataset`'s val
+    split; the same arguments give byte-identical files.
+
+    Returns:
+        Paths ``root``, ``val_images``, ``val_annotations``.
+    """
+    width, height = image_size
+    if min(width, height) < 112:
+        raise ValueError(f"image_size must be at least 112x112, got {width}x{height}")
+    root = Path(out_dir)
+    rng = np.random.default_rng([seed, 2])  # streams 0 and 1 are make_shapes_dataset's splits
+    samples = (render_sample(rng, (width, height), num_objects=num_objects, local=True) for _ in range(num_images))
+    description = f"cascade_rcnn synthetic large shapes ({width}x{height}, small objects), val, seed {seed}"
+    return {"root": root, **_write_split(root, "val", samples, description)}
+
+
+def _write_split(root: Path, split: str, samples: Iterable[SyntheticSample], description: str) -> dict[str, Path]:
+    """Write `samples` as ``root/<split>/<id:06d>.png`` (ids from 1) and ``root/<split>.json`` (COCO)."""
+    image_dir = root / split
+    image_dir.mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for image_id, sample in enumerate(samples, start=1):
+        height, width = sample.image.shape[:2]
+        file_name = f"{image_id:06d}.png"
+        Image.fromarray(sample.image).save(image_dir / file_name, format="PNG", compress_level=1)
+        images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
+        for box, label, area in zip(sample.boxes.tolist(), sample.labels.tolist(), sample.areas.tolist()):
+            x1, y1, x2, y2 = (int(v) for v in box)
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": label + 1,
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": area,
+                    "iscrowd": 0,
+                    "segmentation": [],
+                }
+            )
+    coco = {
+        "info": {"description": description},
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASS_NAMES)],
+    }
+    annotation_path = root / f"{split}.json"
+    annotation_path.write_text(json.dumps(coco, indent=1), encoding="utf-8")
+    return {f"{split}_images": image_dir, f"{split}_annotations": annotation_path}
 
 
 def render_sample(
@@ -122,8 +157,13 @@ def render_sample(
     image_size: tuple[int, int],
     num_objects: tuple[int, int] = (1, 4),
     object_size: tuple[int, int] = (16, 96),
+    local: bool = False,
 ) -> SyntheticSample:
-    """Render one image with `num_objects` (inclusive range) non-overlapping shapes of side `object_size` (px)."""
+    """Render one image with `num_objects` (inclusive range) non-overlapping shapes of side `object_size` (px).
+
+    `local` draws each shape on a canvas of its own cell rather than of the whole image (the large set: a 4000x3000
+    canvas per object would be most of the time); the pixels drawn can differ from the whole-image drawing by
+    Pillow's rounding, so the demo's set keeps the whole-image canvas and its files."""
     width, height = image_size
     background = _render_background(rng, width, height)
     image = background.copy()
@@ -146,10 +186,17 @@ def render_sample(
         if placed is None:
             continue  # no room left; fewer objects in this image
         x0, y0 = placed
-        mask = _shape_mask(rng, CLASS_NAMES[label], width, height, x0, y0, w, h)
-        ys, xs = np.nonzero(mask)
-        box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
-        image[mask] = _pick_colour(rng, background[mask])
+        if local:
+            cell = (slice(y0, y0 + h), slice(x0, x0 + w))
+            mask = _shape_mask(rng, CLASS_NAMES[label], w, h, 0, 0, w, h)
+            ys, xs = np.nonzero(mask)
+            box = (x0 + int(xs.min()), y0 + int(ys.min()), x0 + int(xs.max()) + 1, y0 + int(ys.max()) + 1)
+            image[cell][mask] = _pick_colour(rng, background[cell][mask])
+        else:
+            mask = _shape_mask(rng, CLASS_NAMES[label], width, height, x0, y0, w, h)
+            ys, xs = np.nonzero(mask)
+            box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+            image[mask] = _pick_colour(rng, background[mask])
         occupied.append((x0, y0, x0 + w, y0 + h))
         boxes.append(box)
         labels.append(label)
