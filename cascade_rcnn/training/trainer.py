@@ -642,7 +642,7 @@ class Trainer:
         if self.stopped_early and self.last_eval is not None and self.last_eval[0] == self.iteration:
             # These weights were just evaluated: write that evaluation's files rather than run it again.
             result: EvalResult | None = self.last_eval[1]
-            write_eval_files(result, self.output_dir)  # type: ignore[arg-type]
+            result.write_files(self.output_dir)  # type: ignore[arg-type]
         elif self.stopped_early and not self.info.is_main:
             result = None
         else:
@@ -681,16 +681,6 @@ def load_model_from_checkpoint(path: str | Path) -> tuple[CascadeRCNN, ModelConf
     model = build_model(model_config)
     model.load_state_dict(state["model"])
     return model, model_config, preset
-
-
-def write_eval_files(result: EvalResult, out_dir: Path) -> None:
-    """The files `evaluate_coco(out_dir=...)` writes, from a result already computed."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    result.files.append(result.write_json(out_dir / "metrics.json"))
-    per_class = out_dir / "per_class_ap.json"
-    per_class.write_text(json.dumps(result.per_class, indent=2) + "\n", encoding="utf-8")
-    result.files.append(per_class)
-    result.files += result.write_pr_curves(out_dir)
 
 
 def _duration(seconds: float) -> str:
