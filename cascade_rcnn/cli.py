@@ -23,6 +23,7 @@ COMMANDS = {
     "convert": "convert",
     "export": "export",
     "benchmark": "benchmark",
+    "serve": "serve",
 }
 
 

@@ -1,17 +1,19 @@
 """Image decoding with Pillow: size limits checked before decoding, EXIF orientation applied, every mode to 8-bit RGB.
 
-Two entry points:
+Three entry points:
 
 - `load_image(path)` decodes a file to a (H, W, 3) uint8 RGB array in the orientation a viewer shows.
 - `image_size(path)` reads only the header and returns (width, height) in that same orientation, so dataset loaders can
   check boxes against the image without decoding it.
+- `decode_image(data, name)` decodes an image held in memory (an upload) as `load_image` decodes a file.
 
 Every failure caused by the file (missing, empty, truncated, not an image, too large) is an `ImageReadError` whose
-message starts with the path, so the CLI can print one line and go on with the next input.
+message starts with the path (or the name given for bytes), so the CLI can print one line and go on with the next input.
 """
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -60,6 +62,24 @@ def load_image(path: str | Path, max_pixels: int | None = MAX_IMAGE_PIXELS) -> n
     """
     path = Path(path)
     _check_nonempty(path)
+    return _decode(path, path, max_pixels)
+
+
+def decode_image(data: bytes, name: str = "image", max_pixels: int | None = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Decode an image held in memory (e.g. an HTTP upload) to a (H, W, 3) uint8 RGB array, as `load_image` decodes a
+    file: the same size limit, EXIF orientation and modes.
+
+    Raises:
+        ImageReadError: `data` is empty, truncated, not an image, or too large; the message starts with `name`.
+    """
+    if not data:
+        raise ImageReadError(f"{name}: empty (0 bytes)")
+    return _decode(io.BytesIO(data), name, max_pixels)
+
+
+def _decode(source: Path | io.BytesIO, path: str | Path, max_pixels: int | None) -> np.ndarray:
+    """`load_image` and `decode_image`: decode `source` (a file, or bytes in memory); messages start with `path` (the
+    file's path, or the name given to the bytes)."""
     # The truncated-file check below only works with Pillow's default; a library that flipped this process-wide
     # switch would make truncated JPEGs decode silently as grey-filled images.
     if ImageFile.LOAD_TRUNCATED_IMAGES:
@@ -71,7 +91,7 @@ def load_image(path: str | Path, max_pixels: int | None = MAX_IMAGE_PIXELS) -> n
         with warnings.catch_warnings():
             # Our own limit decides; Pillow's warning between its soft and hard limits would only be noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 width, height = image.size
                 if max_pixels is not None and width * height > max_pixels:
                     raise ImageReadError(_too_large_message(path, width, height, max_pixels))
@@ -89,6 +109,10 @@ def load_image(path: str | Path, max_pixels: int | None = MAX_IMAGE_PIXELS) -> n
         raise
     except Image.DecompressionBombError as error:
         raise ImageReadError(f"{path}: image too large, refused before decoding ({error})") from None
+    except Image.UnidentifiedImageError as error:
+        # Pillow's message names its file object: a path for a file, but a meaningless repr for bytes in memory.
+        detail = error if isinstance(source, Path) else "no format Pillow reads"
+        raise ImageReadError(f"{path}: cannot read image (UnidentifiedImageError: {detail})") from None
     except FileNotFoundError:
         raise ImageReadError(f"{path}: no such file") from None
     except Exception as error:  # noqa: BLE001
@@ -177,7 +201,7 @@ def _exif_orientation(image: Image.Image) -> int:
     return orientation if isinstance(orientation, int) else 1
 
 
-def _too_large_message(path: Path, width: int, height: int, max_pixels: int) -> str:
+def _too_large_message(path: str | Path, width: int, height: int, max_pixels: int) -> str:
     return (
         f"{path}: image too large ({width}x{height} = {width * height / 1e6:.1f} megapixels, limit "
         f"{max_pixels / 1e6:.1f}), refused before decoding"
