@@ -14,6 +14,7 @@ import io
 import os
 import re
 import signal
+import socket
 import statistics
 import struct
 import subprocess
@@ -23,6 +24,7 @@ import time
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +113,8 @@ class ServerProcess:
                 if "http://" in line:
                     found.set()
 
-        threading.Thread(target=read, daemon=True).start()
+        self.reader = threading.Thread(target=read, daemon=True)
+        self.reader.start()
         if not found.wait(START_TIMEOUT_S):
             self.stop()
             raise AssertionError(f"server did not start:\n{''.join(self.lines)}\n{self.stderr()}")
@@ -135,7 +138,8 @@ class ServerProcess:
 @pytest.fixture(scope="module")
 def server(tiny_weights: Path) -> Iterator[ServerProcess]:
     require_serve()
-    process = ServerProcess(tiny_weights, "--max-upload-mb", "1", "--max-images", "4", "--max-megapixels", "10")
+    process = ServerProcess(tiny_weights, "--max-batch-size", "4", "--max-upload-mb", "1", "--max-images", "4",
+                            "--max-megapixels", "10")  # fmt: skip
     yield process
     process.stop()
 
@@ -354,6 +358,7 @@ def test_api_key_and_sigterm_finishes_in_flight_requests(tiny_weights: Path) -> 
         assert response.status_code == 200, response.text
         assert len(response.json()["images"]) == 1
         assert server.process.wait(60) == 0, server.stderr()
+        server.reader.join(10)  # the rest of its stdout
         assert server.lines[-1].strip() == "stopped"
     finally:
         server.stop()
@@ -380,33 +385,44 @@ class GatedDetector:
         return [empty for _ in images]
 
 
-@pytest.fixture
-def gated_server() -> Iterator[tuple[str, GatedDetector]]:
-    require_serve()
+@contextmanager
+def inprocess_server(detector: Any, settings: Any, masks: bool = False) -> Iterator[str]:
+    """uvicorn serving `detector` in a thread of this process (no signal handlers there); yields its URL."""
     import uvicorn
 
-    from cascade_rcnn.serve.app import ModelInfo, ServeSettings, create_app
-
-    detector = GatedDetector()
-    info = ModelInfo("fake", CLASS_NAMES, False, "torch", "cpu", "fake.safetensors", "0" * 64)
-    settings = ServeSettings(max_batch_size=1, max_wait_ms=0, max_queue_images=1, max_images_per_request=1,
-                             timeout_s=2.0)  # fmt: skip
     from cascade_rcnn.commands.serve import bind_socket
+    from cascade_rcnn.serve.app import ModelInfo, create_app
 
+    info = ModelInfo("test", CLASS_NAMES, masks, "torch", "cpu", "test.safetensors", "0" * 64)
     sock = bind_socket("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(create_app(detector, info, settings), log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    yield url, detector
-    detector.gate.set()
-    server.should_exit = True
-    thread.join(30)
-    sock.close()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "in-process server did not start"
+            time.sleep(0.01)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+@pytest.fixture
+def gated_server() -> Iterator[tuple[str, GatedDetector]]:
+    require_serve()
+    from cascade_rcnn.serve.app import ServeSettings
+
+    detector = GatedDetector()
+    settings = ServeSettings(max_batch_size=1, max_wait_ms=0, max_queue_images=1, max_images_per_request=1,
+                             timeout_s=2.0)  # fmt: skip
+    try:
+        with inprocess_server(detector, settings) as url:
+            yield url, detector
+    finally:
+        detector.gate.set()
 
 
 def test_full_queue_is_503_with_retry_after_and_timeout_is_504(gated_server: tuple[str, GatedDetector]) -> None:
@@ -437,11 +453,72 @@ def test_full_queue_is_503_with_retry_after_and_timeout_is_504(gated_server: tup
         assert http.post("/v1/detect", **post).status_code == 200  # the worker lives on
 
 
+def test_upload_that_never_finishes_is_408(gated_server: tuple[str, GatedDetector]) -> None:
+    """A client that declares 1000 bytes and sends 10 holds no worker: the request timeout (2 s here) answers it."""
+    url, detector = gated_server
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(b"POST /v1/detect HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\n"
+                     b"Content-Length: 1000\r\n\r\n" + jpeg()[:10])  # fmt: skip
+        reply = conn.recv(4096).decode("latin-1")
+    assert reply.startswith("HTTP/1.1 408"), reply
+    assert "did not arrive" in reply
+    assert detector.batches == []
+
+
 def _wait_for(http: Any, field: str, value: int) -> None:
     deadline = time.monotonic() + 10
     while http.get("/v1/health").json()[field] != value:
         assert time.monotonic() < deadline, f"health never showed {field} == {value}"
         time.sleep(0.01)
+
+
+# --- mask models: each detection's mask as COCO RLE ------------------------------------------------------------------
+
+
+def test_mask_model_returns_the_api_masks_as_rle_aligned_with_the_kept_detections() -> None:
+    httpx = require_serve()
+    from cascade_rcnn.api import Detector
+    from cascade_rcnn.evaluation.rle import decode_masks
+    from cascade_rcnn.serve.app import ServeSettings
+
+    torch.manual_seed(0)
+    config = tiny_config(3, class_names=CLASS_NAMES, **{"mask.heads": "single", "transform.min_size": 64,
+                                                        "transform.max_size": 96, "rpn.post_nms_top_n_test": 20})  # fmt: skip
+    detector = Detector(config=config)
+    image = np.random.default_rng(3).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    expected = detector.predict(image)
+    assert expected.masks is not None and len(expected) > 0
+    keep = expected.labels != 1  # drop the cars: their masks must go with them
+    assert 0 < int(keep.sum()) < len(expected)
+    with inprocess_server(detector, ServeSettings(), masks=True) as url, httpx.Client(base_url=url) as http:
+        response = http.post("/v1/detect", params={"score_threshold": 0.0, "classes": "person,dog"},
+                             content=png(image), headers={"Content-Type": "image/png"})  # fmt: skip
+    assert response.status_code == 200, response.text
+    (result,) = response.json()["images"]
+    assert len(result["segmentation"]) == len(result["boxes"]) == int(keep.sum())
+    assert all(rle["size"] == [48, 64] for rle in result["segmentation"])
+    assert torch.equal(decode_masks(result["segmentation"], (48, 64)), expected.masks[keep])
+
+
+def test_decode_image_reads_bytes_as_load_image_reads_the_file(tmp_path: Path) -> None:
+    """EXIF orientation, mode conversion and the pixel limit: one decoder for uploads and files."""
+    from cascade_rcnn.data.image_io import decode_image, load_image
+    from cascade_rcnn.errors import ImageReadError
+
+    pixels = np.random.default_rng(0).integers(0, 256, (30, 40, 4), dtype=np.uint8)  # RGBA: composited on white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees: 30x40 becomes 40x30
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", exif=exif)
+    (tmp_path / "a.png").write_bytes(buffer.getvalue())
+    decoded = decode_image(buffer.getvalue(), "upload")
+    assert decoded.shape == (40, 30, 3)
+    np.testing.assert_array_equal(decoded, load_image(tmp_path / "a.png"))
+    with pytest.raises(ImageReadError, match=r"^upload: image too large"):
+        decode_image(buffer.getvalue(), "upload", max_pixels=1000)
+    with pytest.raises(ImageReadError, match=r"^upload: cannot read image \(UnidentifiedImageError: no format"):
+        decode_image(b"not an image", "upload")
 
 
 # --- without the extra ----------------------------------------------------------------------------------------------
