@@ -9,16 +9,18 @@ A slice is resized by the model's transform like any image, so a slice of about 
 seen at its native scale (the demo's 256 px model: `size=256`; a COCO model resizes a 512 px slice to 800 px).
 
 Merge rule: greedy non-maximum merging (SAHI's default `GREEDYNMM`) on intersection over the smaller box (IOS) >=
-`match_thresh` (0.5), class by class. Why not NMS: an object cut by a slice border is found whole in one slice and in
-part in its neighbour; the part lies inside the whole, so its IoU with it is only its area fraction (NMS at 0.5 keeps
-both whenever more than half is cut off) while its IOS is 1. Why merge rather than suppress: an object wider than the
-overlap is cut in every slice that holds it; its pieces share the overlap strip (IOS >= 0.5 when the strip is at
-least half the smaller piece) and their union is the object. As SAHI's `greedy_nmm` and `GreedyNMMPostprocess`: in
-decreasing score, each detection not yet taken takes every remaining one of its class whose IOS with it is >=
-`match_thresh`; they are folded into it in decreasing score, each only while its IOS with the box merged so far is
-still >= `match_thresh` (box: the union; score and class: the best's). Detections within one slice were already
-NMSed by the model. Two slices' detections can only meet where the slices overlap, so candidate pairs are looked for
-only among detections whose boxes share a cell of a grid of `size` px, not among all pairs.
+`match_thresh` (0.5), class by class, between detections of different slices. Why not NMS: an object cut by a slice
+border is found whole in one slice and in part in its neighbour; the part lies inside the whole, so its IoU with it is
+only its area fraction (NMS at 0.5 keeps both whenever more than half is cut off) while its IOS is 1. Why merge rather
+than suppress: an object wider than the overlap is cut in every slice that holds it; its pieces share the overlap
+strip (IOS >= 0.5 when the strip is at least half the smaller piece) and their union is the object. As SAHI's
+`greedy_nmm` and `GreedyNMMPostprocess`: in decreasing score, each detection not yet taken takes every remaining one
+of its class whose IOS with it is >= `match_thresh`; they are folded into it in decreasing score, each only while its
+IOS with the box merged so far is still >= `match_thresh` (box: the union; score and class: the best's). Unlike SAHI,
+two detections of the same slice are never merged: the model's NMS already decided between them, and IOS would join
+an object with a part-detection of its neighbour or with a low-score box around both (the union would then grow past
+the object). Two slices' detections can only meet where the slices overlap, so candidate pairs are looked for only
+among detections whose boxes share a cell of a grid of `size` px, not among all pairs.
 
 Memory: slices are cut from the 8-bit image and made float32 one batch at a time; the whole-image pass reduces the
 8-bit image by an integer box filter (a mean over k x k blocks, k = the largest integer factor that keeps it at least
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -116,7 +119,9 @@ def as_hwc(image: np.ndarray | Tensor) -> Tensor:
     """An image as an (H, W, 3) tensor view without copying its pixels: an (H, W, 3|4) or (H, W) array, or a (3, H, W)
     tensor."""
     if isinstance(image, np.ndarray):
-        pixels = torch.from_numpy(image)
+        with warnings.catch_warnings():  # a read-only array (a memory map) is fine: slices are only ever read
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            pixels = torch.from_numpy(image)
         if pixels.dim() == 2:
             return pixels[:, :, None].expand(-1, -1, 3)
         if pixels.dim() != 3 or pixels.shape[2] not in (3, 4):
@@ -148,13 +153,21 @@ def reduce_image(pixels: Tensor, factor: int) -> Tensor:
 
 
 def merge_detections(
-    boxes: Tensor, scores: Tensor, labels: Tensor, *, match_thresh: float = 0.5, cell: float = 512.0
+    boxes: Tensor,
+    scores: Tensor,
+    labels: Tensor,
+    *,
+    sources: Tensor | None = None,
+    match_thresh: float = 0.5,
+    cell: float = 512.0,
 ) -> Detections:
     """Greedy non-maximum merging with intersection over the smaller box (see the module docstring).
 
-    boxes (N, 4) xyxy, scores (N,), labels (N,) -> merged detections sorted by decreasing score. Candidate pairs are the
-    same-class boxes sharing a cell of a `cell`-px grid (boxes larger than a cell are paired with every box), so the
-    work stays proportional to the detections' local density rather than to N^2.
+    boxes (N, 4) xyxy, scores (N,), labels (N,) -> merged detections sorted by decreasing score. `sources` (N,): the
+    slice each detection comes from; detections of the same slice are never merged with each other (the model's NMS
+    already decided between them; merging there would only join neighbouring objects); None: any two may merge, as
+    SAHI's `GreedyNMMPostprocess`. Candidate pairs are the same-class boxes sharing a cell of a `cell`-px grid (boxes
+    larger than a cell are paired with every box), so the work follows the detections' local density, not N^2.
     """
     n = boxes.shape[0]
     if n == 0:
@@ -162,6 +175,9 @@ def merge_detections(
     order = scores.argsort(descending=True, stable=True)
     boxes, scores, labels = boxes[order].double(), scores[order], labels[order]
     neighbours = _candidate_pairs(boxes, labels, cell)
+    if sources is not None:
+        source = sources[order].tolist()
+        neighbours = {i: [j for j in js if source[j] != source[i]] for i, js in neighbours.items()}
     box_list = boxes.tolist()
     taken = [False] * n
     kept, merged_boxes = [], []
@@ -241,6 +257,7 @@ def predict_tiled(
         return detect([crop(pixels, (0, 0, width, height)).to(device)])[0].to("cpu")
     windows = slice_windows(height, width, config)
     parts: list[Detections] = []
+    sources: list[Tensor] = []  # the slice of each part's detections
     bar = _progress_bar(len(windows) + int(config.full_image), name) if progress else None
     try:
         for start in range(0, len(windows), config.batch_size):
@@ -250,6 +267,7 @@ def predict_tiled(
                 det = det.to("cpu")
                 shift = torch.tensor([x0, y0, x0, y0], dtype=det.boxes.dtype)
                 parts.append(Detections(det.boxes + shift, det.scores, det.labels))
+                sources.append(torch.full((len(det),), len(sources), dtype=torch.int64))
             if bar is not None:
                 bar.update(len(chunk))
         if config.full_image:
@@ -257,6 +275,7 @@ def predict_tiled(
             factor = max(1, min(height // max(target_h, 1), width // max(target_w, 1)))
             det = detect([reduce_image(pixels, factor).to(device)])[0].to("cpu")
             parts.append(Detections(det.boxes * factor, det.scores, det.labels))
+            sources.append(torch.full((len(det),), len(sources), dtype=torch.int64))
             if bar is not None:
                 bar.update(1)
     finally:
@@ -265,7 +284,8 @@ def predict_tiled(
     boxes = torch.cat([p.boxes for p in parts])
     scores = torch.cat([p.scores for p in parts])
     labels = torch.cat([p.labels for p in parts])
-    return merge_detections(boxes, scores, labels, match_thresh=config.match_thresh, cell=float(config.size))
+    return merge_detections(boxes, scores, labels, sources=torch.cat(sources), match_thresh=config.match_thresh,
+                            cell=float(config.size))  # fmt: skip
 
 
 def _progress_bar(total: int, name: str):  # noqa: ANN202 - a tqdm bar

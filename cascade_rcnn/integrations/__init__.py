@@ -1,0 +1,1 @@
+"""Adapters that let other libraries' pipelines run this project's models (each needs its own optional extra)."""
