@@ -9,6 +9,10 @@ Two modes:
   dicts per detection, at most 100 detections per image). `--per-stage` also scores each cascade stage's own output
   (`DIR/detections_stage{k}.json`, `DIR/metrics_stage{k}.json`) beside the ensemble, as the paper's ablation does.
 
+`--tile SIZE` (sliced inference, for large images) and `--tta` (flip and scales) run the model through
+`cascade_rcnn.inference`, box-only; `metrics.json` then also holds an `inference` record of which was used, its
+settings and the model time per image (a plain run's `metrics.json` has exactly the 12 metrics).
+
 Both print the 12 COCO metrics and the per-class AP, and with `--out` write `metrics.json`, `per_class_ap.json` and
 the precision-recall curves (`pr_curves.png`, `pr_curves/pr_iou0.50.png` ...).
 
@@ -24,8 +28,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +60,7 @@ from cascade_rcnn.evaluation.coco import (
     load_detections,
     map_labels_to_category_ids,
 )
+from cascade_rcnn.inference import options as inference_options
 
 HELP = "COCO box (and mask) metrics of a detections file, or of a model run over a COCO-format image set."
 
@@ -77,12 +84,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="write metrics.json, PR curves (and with --weights, detections.json) here",
     )
     parser.add_argument("--per-stage", action="store_true", help="also score each cascade stage's own output")
+    parser.add_argument("--report", action="store_true",
+                        help="also write report.html (with report.json and its plots) to --out: per-class AP, PR curves, "
+                        "confusion matrix, TIDE errors, cascade stages, galleries of errors (drawn with --images)")
     parser.add_argument("--batch-size", type=_positive_int, metavar="N", help=BATCH_HELP)
     parser.add_argument(
         "--device", metavar="DEVICE", help="torch device, e.g. cpu or cuda:0 (default: cuda when available, else cpu)"
     )
     parser.add_argument("--preset", metavar="NAME", help="model preset (default: from the weights file's metadata)")
     add_bf16_argument(parser)
+    inference_options.add_arguments(parser)
 
 
 def _positive_int(text: str) -> int:
@@ -93,9 +104,16 @@ def _positive_int(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.report and args.out is None:
+        print("error: --report needs --out (the folder report.html is written to)", file=sys.stderr)
+        return 2
     if args.detections is not None:
-        model_only = [flag for flag, given in (("--images", args.images), ("--per-stage", args.per_stage),
-                                               ("--preset", args.preset), ("--bf16", args.bf16)) if given]  # fmt: skip
+        # --images is for the model; a report also draws its galleries from it.
+        images = args.images is not None and not args.report
+        model_only = [flag for flag, given in (("--images", images), ("--per-stage", args.per_stage),
+                                               ("--preset", args.preset), ("--bf16", args.bf16),
+                                               ("--tile", args.tile is not None), ("--tta", args.tta))
+                      if given]  # fmt: skip
         if model_only:
             print(f"error: {', '.join(model_only)} only apply with --weights", file=sys.stderr)
             return 2
@@ -109,10 +127,13 @@ def run(args: argparse.Namespace) -> int:
         print(format_results(results))
         if args.out is not None:
             print(f"\nmetrics and precision-recall curves written to {args.out}")
+        if args.report:
+            _write_report(args, gt, detections, results, str(args.detections))
         return 0
     if args.images is None:
         print("error: --weights needs --images (the folder of the annotation file's images)", file=sys.stderr)
         return 2
+    args.per_stage = args.per_stage or args.report  # the report shows each stage's AP
     if args.out is not None:
         return _run_model(args, args.out)
     # Without --out the detections still stream to a file (so memory stays flat), in a folder removed afterwards.
@@ -138,34 +159,43 @@ def _run_model(args: argparse.Namespace, out_dir: Path, write_extras: bool = Tru
         raise DatasetError(f"{len(missing)} images of {args.annotations} are not in {args.images}", missing)
 
     make_output_dir(out_dir)  # before the model loads: a bad --out fails at once
+    tile, tta = inference_options.tile_config(args, args.batch_size), inference_options.tta_config(args)
+    inference_options.check_backend(args, tile, tta)
+    max_pixels = inference_options.max_pixels(args)
+    # Tiling and TTA go image by image (`--batch-size`: slices or views per pass): one large image in memory at a time.
+    augment = {"tile": tile, "tta": tta, "progress": True} if tile is not None or tta is not None else {}
     detector = load_detector(args.weights, args.device, args.preset, bf16=args.bf16)
+    inference_options.check_detector(detector, tile)
     batch_size = args.batch_size or default_batch_size(detector)
+    images_per_pass = 1 if augment else batch_size
     category_ids, how = map_labels_to_category_ids(tuple(detector.class_names), gt)
     print(f"model labels -> annotation category ids: {how}", file=sys.stderr)
     # Decided before the model runs: a skipped segm evaluation is said at once, a malformed mask fails at once.
-    masks = model_has_masks(detector)
+    masks = model_has_masks(detector) and not augment  # tiling and TTA are box-only
     segm = masks and _segm_available(gt, args.annotations)
 
     evaluated_ids: list[int] = []
     failed: list[str] = []
+    model_seconds = 0.0
     stage_writers: list[CocoResultsWriter] = []
     with contextlib.ExitStack() as stack:
         plus_one = coco_wh_plus_one(detector)
         writer = stack.enter_context(CocoResultsWriter(out_dir / "detections.json", category_ids, plus_one))
         progress = stack.enter_context(tqdm(total=len(images), unit="img", desc="eval", file=sys.stderr))
-        for start in range(0, len(images), batch_size):
-            batch = images[start : start + batch_size]
+        for start in range(0, len(images), images_per_pass):
+            batch = images[start : start + images_per_pass]
             loaded: list[tuple[dict[str, Any], Any]] = []
             for image in batch:
                 try:
-                    loaded.append((image, load_image(args.images / image["file_name"])))
+                    loaded.append((image, load_image(args.images / image["file_name"], max_pixels=max_pixels)))
                 except ImageReadError as error:
                     progress.write(f"skipped {error}", file=sys.stderr)
                     failed.append(str(args.images / image["file_name"]))
             if loaded:
-                outputs = predict_batch(
-                    detector, [pixels for _, pixels in loaded], batch_size, return_stages=args.per_stage
-                )
+                started = time.perf_counter()
+                outputs = predict_batch(detector, [pixels for _, pixels in loaded], batch_size,
+                                        return_stages=args.per_stage, **augment)  # fmt: skip
+                model_seconds += time.perf_counter() - started
                 for (image, _), det in zip(loaded, outputs, strict=True):
                     writer.add(image["id"], det.boxes, det.scores, det.labels, masks=det.masks if masks else None)
                     evaluated_ids.append(image["id"])
@@ -190,8 +220,19 @@ def _run_model(args: argparse.Namespace, out_dir: Path, write_extras: bool = Tru
                for iou_type in (("bbox", "segm") if segm else ("bbox",))]  # fmt: skip
     result = results[0]
     print(format_results(results))
+    per_image = model_seconds / max(len(evaluated_ids), 1)
+    print(f"model time: {per_image:.3f} s/image over {len(evaluated_ids)} images", file=sys.stderr)
+    if augment:
+        # Which of tiling / TTA made these numbers, in metrics.json beside them (a plain run's file keeps exactly the
+        # 12 metrics).
+        record = {**inference_options.describe(tile, tta), "seconds_per_image": round(per_image, 4)}
+        print(f"inference: {json.dumps(record)}")
+        if write_extras:
+            metrics_path = out_dir / "metrics.json"
+            metrics_path.write_text(json.dumps({**result.metrics, "inference": record}, indent=2) + "\n",
+                                    encoding="utf-8")  # fmt: skip
+    stage_results: list[tuple[str, EvalResult]] = []
     if args.per_stage:
-        stage_results = []
         for k, stage_writer in enumerate(stage_writers, start=1):
             stage_result = evaluate_coco(gt, stage_writer.path, image_ids=evaluated_ids)
             if write_extras:
@@ -201,7 +242,19 @@ def _run_model(args: argparse.Namespace, out_dir: Path, write_extras: bool = Tru
         print(format_stage_table([*stage_results, ("ensemble", result)]))
     if write_extras:
         print(f"\ndetections, metrics and precision-recall curves written to {out_dir}")
+    if args.report:
+        _write_report(args, gt, load_detections(out_dir / "detections.json"), results, str(args.weights),
+                      stage_results=stage_results, image_ids=evaluated_ids)  # fmt: skip
     return 1 if failed else 0
+
+
+def _write_report(args: argparse.Namespace, gt: COCO, detections: list[dict[str, Any]], results: list[EvalResult],
+                  source: str, **kwargs: Any) -> None:  # fmt: skip
+    from cascade_rcnn.evaluation.report import write_report
+
+    path = write_report(gt, detections, results, args.out, images_dir=args.images, annotations_name=str(
+        args.annotations), detections_name=source, **kwargs)  # fmt: skip
+    print(f"report written to {path}")
 
 
 def _segm_available(gt: COCO, annotations: Path) -> bool:

@@ -4,7 +4,9 @@ Writes `OUT/detections.json` (COCO results format: `image_id`, `file_name`, `cat
 `[x, y, w, h]`, `score`, and for a mask model `segmentation`, the instance mask as COCO compressed RLE) and
 `OUT/images/<name>` with the boxes (and masks) drawn. `--save-masks` also writes `OUT/masks/<stem>.png`, an instance-id
 image per input (see `MASKS_HELP`). An input that cannot be read is reported by name on stderr and skipped; the rest
-are still processed, and the exit code is 1.
+are still processed, and the exit code is 1. `--tile SIZE` runs sliced inference on large images (a progress bar per
+image) and `--tta` test-time augmentation, both box-only (`cascade_rcnn.inference`); `--max-megapixels` raises the
+decoding limit for very large inputs.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from cascade_rcnn.data.image_io import load_image
 from cascade_rcnn.errors import ConfigError, ImageReadError
 from cascade_rcnn.evaluation.coco import COCO_CATEGORY_IDS, CocoResultsWriter, detections_to_coco
 from cascade_rcnn.evaluation.visualize import draw_detections
+from cascade_rcnn.inference import options as inference_options
 
 if TYPE_CHECKING:
     from cascade_rcnn.api import Detector
@@ -63,6 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch, or onnxruntime: run an exported .onnx file (or export --weights on the fly) with ONNX Runtime",
     )  # fmt: skip
     parser.add_argument("--save-masks", action="store_true", help=MASKS_HELP)
+    inference_options.add_arguments(parser)
 
 
 MASKS_HELP = (
@@ -317,6 +321,11 @@ def run(args: argparse.Namespace) -> int:
     out_dir: Path = args.out
     images_dir = make_output_dir(make_output_dir(out_dir) / "images")  # before the model loads: fail at once
     save_masks = getattr(args, "save_masks", False)
+    tile, tta = inference_options.tile_config(args, args.batch_size), inference_options.tta_config(args)
+    inference_options.check_backend(args, tile, tta)
+    max_pixels = inference_options.max_pixels(args)
+    # Tiling and TTA go image by image (`--batch-size`: slices or views per pass): one large image in memory at a time.
+    augment = {"tile": tile, "tta": tta, "progress": True} if tile is not None or tta is not None else {}
 
     if getattr(args, "backend", "torch") == "torch":
         detector = load_detector(args.weights, args.device, args.preset, bf16=args.bf16)
@@ -326,6 +335,7 @@ def run(args: argparse.Namespace) -> int:
         from cascade_rcnn.deploy.backends import load_backend
 
         detector = load_backend(args.weights, args.backend, device=args.device, preset=args.preset)
+    inference_options.check_detector(detector, tile)
     if save_masks and not model_has_masks(detector):
         raise ConfigError(f"--save-masks: the model of {args.weights} has no mask head (a box-only Cascade R-CNN); "
                           "run without --save-masks, or with a Cascade Mask R-CNN's weights")  # fmt: skip
@@ -340,17 +350,17 @@ def run(args: argparse.Namespace) -> int:
         CocoResultsWriter(out_dir / "detections.json", category_ids) as writer,
         tqdm(total=len(planned), unit="img", desc="predict", file=sys.stderr) as progress,
     ):
-        for chunk in _chunks(planned, batch_size):
+        for chunk in _chunks(planned, 1 if augment else batch_size):
             loaded: list[tuple[InputImage, np.ndarray]] = []
             for item in chunk:
                 try:
-                    loaded.append((item, load_image(item.path)))
+                    loaded.append((item, load_image(item.path, max_pixels=max_pixels)))
                 except ImageReadError as error:
                     progress.write(f"skipped {error}", file=sys.stderr)
                     failed += 1
             if loaded:
                 outputs = predict_batch(
-                    detector, [image for _, image in loaded], batch_size, score_thresh=args.score_thresh
+                    detector, [image for _, image in loaded], batch_size, score_thresh=args.score_thresh, **augment
                 )
                 for (item, image), det in zip(loaded, outputs, strict=True):
                     boxes, scores, labels, masks = _filtered(det, args.score_thresh, keep_labels)
