@@ -188,7 +188,6 @@ def create_app(detector: Any, info: ModelInfo, settings: ServeSettings = ServeSe
         summary="Cascade R-CNN object detection over HTTP",
         lifespan=lifespan,
     )
-    app.state.batcher = batcher
     protected = [Depends(_api_key_check(settings.api_key))] if settings.api_key else []
 
     @app.exception_handler(RequestValidationError)
@@ -209,6 +208,8 @@ def create_app(detector: Any, info: ModelInfo, settings: ServeSettings = ServeSe
         limits = {k: v for k, v in asdict(settings).items() if k != "api_key"}
         return ModelResponse(**fields, limits=Limits(**limits))
 
+    # Query() defaults, not Annotated[...]: with postponed annotations FastAPI resolves an annotation by name in the
+    # module, and this description names the settings of this call.
     @app.post(
         "/v1/detect",
         response_model=DetectResponse,
@@ -218,8 +219,6 @@ def create_app(detector: Any, info: ModelInfo, settings: ServeSettings = ServeSe
         openapi_extra=_DETECT_BODY,
         summary="Detect objects in one or more images",
     )
-    # Query() defaults, not Annotated[...]: with postponed annotations FastAPI resolves an annotation by name in the
-    # module, and this description names the settings of this call.
     async def detect(
         request: Request,
         score_threshold: float | None = Query(
