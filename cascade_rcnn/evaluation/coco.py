@@ -547,12 +547,32 @@ def _validate_detections(detections: list[Any], gt: COCO, source: str, iou_type:
                 problems.append(f"{source}[{index}]: {key} must be an integer, got {value!r}")
             elif value not in known:
                 unknown[value] = unknown.get(value, 0) + 1
-    problems += [f"image_id {k!r} is not in the annotation file ({n} detections)" for k, n in unknown_images.items()]
-    problems += [
-        f"category_id {k!r} is not in the annotation file ({n} detections)" for k, n in unknown_categories.items()
-    ]
+    # Unknown ids are one line each kind, however many: a results file of another data set (other images) or of a
+    # model with other classes is one mistake, said in one line, not a line per id.
+    unknown: list[str] = []
+    if unknown_images:
+        unknown.append(f"image_id {_some(unknown_images)} {'is' if len(unknown_images) == 1 else 'are'} not in the "
+                       "annotation file")  # fmt: skip
+        if sum(unknown_images.values()) == len(detections):
+            unknown[-1] += ": no detection is on one of its images, the two files are about different images"
+    if unknown_categories:
+        unknown.append(f"category_id {_some(unknown_categories)} {'is' if len(unknown_categories) == 1 else 'are'} "
+                       f"not in the annotation file (its category ids: {_some(dict.fromkeys(sorted(gt.cats)))})")
+    if unknown and not problems:
+        error = DatasetError(f"{source}: " + "; ".join(unknown))  # one line, the kinds still listed in `problems`
+        error.problems = unknown
+        raise error
+    problems += unknown
     if problems:
         raise DatasetError(f"{source}: {len(problems)} problems with the detections", problems)
+
+
+def _some(counts: dict[Any, int | None], limit: int = 5) -> str:
+    """The first `limit` keys, with their counts when given: "1001 (9 detections), 1002 (3), and 4 more"."""
+    shown = [repr(key) if count is None else f"{key!r} ({count}{' detections' if index == 0 else ''})"
+             for index, (key, count) in enumerate(list(counts.items())[:limit])]  # fmt: skip
+    more = f", and {len(counts) - limit} more" if len(counts) > limit else ""
+    return ", ".join(shown) + more
 
 
 def _rle_result_problem(segmentation: Any, image: dict[str, Any] | None) -> str | None:

@@ -66,7 +66,7 @@ def _to_numpy(values: torch.Tensor | np.ndarray | Sequence, dtype: type) -> np.n
 def draw_detections(
     image: Image.Image | np.ndarray,
     boxes: torch.Tensor | np.ndarray | Sequence[Sequence[float]],
-    scores: torch.Tensor | np.ndarray | Sequence[float],
+    scores: torch.Tensor | np.ndarray | Sequence[float] | None,
     labels: torch.Tensor | np.ndarray | Sequence[int],
     class_names: Sequence[str],
     score_thresh: float = 0.0,
@@ -78,7 +78,7 @@ def draw_detections(
     Args:
         image: a PIL image (any mode) or a (H, W, 3) / (H, W) uint8 array. Not modified.
         boxes: (N, 4) `xyxy` in the image's pixels.
-        scores: (N,) confidences, printed with two decimals.
+        scores: (N,) confidences, printed with two decimals; None for ground truth (tags show the class name only).
         labels: (N,) 0-based indices into `class_names` (a label outside it is printed as "class <label>").
         class_names: the model's class names.
         score_thresh: boxes scoring below it are not drawn (nor their masks).
@@ -98,7 +98,7 @@ def draw_detections(
     else:
         canvas = to_rgb(image).copy()
     boxes_np = _to_numpy(boxes, np.float64).reshape(-1, 4)
-    scores_np = _to_numpy(scores, np.float64).reshape(-1)
+    scores_np = np.ones(len(boxes_np)) if scores is None else _to_numpy(scores, np.float64).reshape(-1)
     labels_np = _to_numpy(labels, np.int64).reshape(-1)
     if not (len(boxes_np) == len(scores_np) == len(labels_np)):
         raise ValueError(
@@ -130,7 +130,7 @@ def draw_detections(
         draw.rectangle((x1, y1, max(x1, x2), max(y1, y2)), outline=color, width=line_width)
 
         name = class_names[label] if 0 <= label < len(class_names) else f"class {label}"
-        text = f"{name} {scores_np[i]:.2f}"
+        text = name if scores is None else f"{name} {scores_np[i]:.2f}"
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
         tag_w, tag_h = right - left + 2 * pad, bottom - top + 2 * pad
         # Tag above the box's top-left corner; inside the box when there is no room above; kept within the width.
