@@ -85,8 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--per-stage", action="store_true", help="also score each cascade stage's own output")
     parser.add_argument("--report", action="store_true",
-                        help="also write report.html (with report.json and its plots) to --out: per-class AP, PR curves, "
-                        "confusion matrix, TIDE errors, cascade stages, galleries of errors (drawn with --images)")
+                        help="also write report.html (with report.json and its plots) to --out: per-class AP, PR "
+                        "curves, confusion matrix, TIDE errors, cascade stages, galleries of errors (with --images)")
     parser.add_argument("--batch-size", type=_positive_int, metavar="N", help=BATCH_HELP)
     parser.add_argument(
         "--device", metavar="DEVICE", help="torch device, e.g. cpu or cuda:0 (default: cuda when available, else cpu)"
@@ -133,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
     if args.images is None:
         print("error: --weights needs --images (the folder of the annotation file's images)", file=sys.stderr)
         return 2
-    args.per_stage = args.per_stage or args.report  # the report shows each stage's AP
+    # The report shows each stage's AP (not with tiling or TTA: their merge mixes the stages).
+    args.per_stage = args.per_stage or (args.report and args.tile is None and not args.tta)
     if args.out is not None:
         return _run_model(args, args.out)
     # Without --out the detections still stream to a file (so memory stays flat), in a folder removed afterwards.
