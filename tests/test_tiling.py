@@ -117,7 +117,7 @@ def test_a_mask_model_tiles_boxes_only_and_says_so_once(caplog):
     import cascade_rcnn.inference as inference
 
     torch.manual_seed(0)
-    detector = Detector("cascade_mask_rcnn_r50_fpn", num_classes=3, **{
+    detector = Detector("cascade_mask_rcnn_r50_fpn", num_classes=3, optimize=False, **{
         "transform.min_size": 128, "transform.max_size": 192, "rpn.pre_nms_top_n_test": 200,
         "rpn.post_nms_top_n_test": 100, "postprocess.score_thresh": 0.0,
         "postprocess.detections_per_image": 5})  # fmt: skip
