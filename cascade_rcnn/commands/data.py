@@ -1,17 +1,20 @@
-"""`cascade-rcnn data check|convert|synth`: validate a dataset before a long run, write it as COCO JSON, or generate
-the synthetic shapes set.
+"""`cascade-rcnn data check|convert|preview|synth`: validate a dataset before a long run, write it as COCO JSON, look
+at its labels, or generate the synthetic shapes set.
 
     cascade-rcnn data check --format coco --images DIR --annotations FILE
     cascade-rcnn data check --format yolo --images DIR --annotations LABEL_DIR --names names.txt
     cascade-rcnn data convert --format voc --images JPEGImages --annotations Annotations --output out.json
+    cascade-rcnn data preview --format coco --images DIR --annotations FILE --out DIR   # preview.html
     cascade-rcnn data synth --out DIR                  # the demo's set: train/, val/ (256 px), train.json, val.json
     cascade-rcnn data synth --large --out DIR          # large images (4000x3000) with the demo's small shapes: val/
 
 `check` prints the number of images, boxes per class, how many boxes have instance masks (COCO files with
 segmentations) and every problem, and exits 1 when there are problems (0 when the dataset is clean). `convert`
 refuses a dataset with problems unless `--skip-bad` is given, in which case the bad boxes and images are left out and
-listed (a bad mask drops its box too); segmentations are written back. `synth` writes PNG + COCO JSON
-(`cascade_rcnn.data.synthetic`); `--large` is the set for sliced inference (`predict --tile`, `eval --tile`).
+listed (a bad mask drops its box too); segmentations are written back. `preview` writes `preview.html` (a gallery of
+images with their ground truth drawn, per-class counts, box-size histograms; `cascade_rcnn.evaluation.preview`),
+leaving bad boxes out and listing them. `synth` writes PNG + COCO JSON (`cascade_rcnn.data.synthetic`); `--large`
+is the set for sliced inference (`predict --tile`, `eval --tile`).
 """
 
 from __future__ import annotations
@@ -43,6 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     convert.add_argument(
         "--skip-bad", action="store_true", help="leave bad boxes and images out (and list them) instead of refusing"
     )
+    preview = actions.add_parser("preview", help="write preview.html: labels drawn on images, class counts, box sizes")
+    _add_dataset_arguments(preview)
+    preview.add_argument("--out", required=True, type=Path, help="output folder (created)")
+    preview.add_argument("--max-images", type=_positive_int, default=48, help="images in the gallery (48)")
     synth = actions.add_parser("synth", help="write the synthetic shapes set (PNG + COCO JSON)")
     synth.add_argument("--out", required=True, type=Path, help="output folder (created; same-named files overwritten)")
     synth.add_argument("--large", action="store_true",
@@ -60,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
         return _check(args)
     if args.action == "synth":
         return _synth(args)
+    if args.action == "preview":
+        return _preview(args)
     return _convert(args)
 
 
@@ -76,6 +85,18 @@ def _synth(args: argparse.Namespace) -> int:
             coco = json.loads(paths[f"{split}_annotations"].read_text(encoding="utf-8"))
             print(f"{split}: {len(coco['images'])} images, {len(coco['annotations'])} boxes in "
                   f"{paths[f'{split}_images']}, annotations {paths[f'{split}_annotations']}")  # fmt: skip
+    return 0
+
+
+def _preview(args: argparse.Namespace) -> int:
+    from cascade_rcnn.commands.predict import make_output_dir
+    from cascade_rcnn.evaluation.preview import write_preview
+
+    make_output_dir(args.out)
+    dataset = _load(args, on_error="skip", strict_sizes=False)
+    path = write_preview(dataset, args.out, max_images=args.max_images, source=str(args.annotations))
+    skipped = f" ({len(dataset.problems)} problems, listed there)" if dataset.problems else ""
+    print(f"preview of {len(dataset)} images written to {path}{skipped}")
     return 0
 
 
