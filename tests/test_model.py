@@ -187,3 +187,16 @@ def test_losses_do_not_depend_on_train_or_eval_mode():
     assert trained.keys() == evaluated.keys()
     for key in trained:
         assert torch.equal(trained[key], evaluated[key]), key
+
+
+@pytest.mark.parametrize("shape", [(1, 3000), (3000, 1)])
+def test_a_one_pixel_sliver_is_detected_not_crashed(shape) -> None:
+    """Resized sizes are at least one pixel: a 1 x 3000 image used to resize to nothing (ZeroDivisionError)."""
+    from helpers import tiny_config
+
+    from cascade_rcnn.modeling.detector import build_model
+
+    model = build_model(tiny_config()).eval()
+    detections = model.predict([torch.rand(3, *shape) * 255])[0]
+    if len(detections):
+        assert float(detections.boxes[:, 2:].max()) <= max(shape) and float(detections.boxes.min()) >= 0

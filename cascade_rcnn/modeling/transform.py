@@ -54,7 +54,7 @@ class KeepRatioResize:
         """The (new_h, new_w) of each successive resize of an (h, w) image, and the overall scale s."""
         min_size = self.min_size if min_size is None else min_size
         scale = min(self.max_size / max(h, w), min_size / min(h, w))
-        return [(int(h * scale + 0.5), int(w * scale + 0.5))], scale
+        return [_at_least_one(h * scale + 0.5, w * scale + 0.5)], scale
 
 
 class ShortestEdgeResize(KeepRatioResize):
@@ -69,7 +69,7 @@ class ShortestEdgeResize(KeepRatioResize):
         if max(new_h, new_w) > self.max_size:
             cap = self.max_size / max(new_h, new_w)
             new_h, new_w, scale = new_h * cap, new_w * cap, scale * cap
-        return [(int(new_h + 0.5), int(new_w + 0.5))], scale
+        return [_at_least_one(new_h + 0.5, new_w + 0.5)], scale
 
 
 class SecondRescale(KeepRatioResize):
@@ -88,7 +88,13 @@ class SecondRescale(KeepRatioResize):
         if nh <= min_size:
             return steps, scale
         second = min_size / max(nh, nw)
-        return [*steps, (int(nh * second + 0.5), int(nw * second + 0.5))], scale * second
+        return [*steps, _at_least_one(nh * second + 0.5, nw * second + 0.5)], scale * second
+
+
+def _at_least_one(h: float, w: float) -> tuple[int, int]:
+    """(int(h), int(w)), each at least 1: a sliver such as a 1 x 3000 image would otherwise resize to nothing (the
+    peers fail there; a one-pixel side keeps it detectable, with a scale factor that maps boxes back exactly)."""
+    return max(int(h), 1), max(int(w), 1)
 
 
 class PadToMultiple:
