@@ -66,10 +66,10 @@ def _ellipse_polygon(box: list[float], points: int = 24) -> list[float]:
 
 
 def ellipse_mask(box: list[float], size: tuple[int, int] = IMAGE_SIZE) -> np.ndarray:
-    """(H, W) bool: the ellipse inscribed in `box`, as the polygons of the annotations."""
-    width, height = size
-    rle = mask_utils.frPyObjects([_ellipse_polygon(box)], height, width)
-    return mask_utils.decode(mask_utils.merge(rle)).astype(bool)
+    """(H, W) bool: the ellipse inscribed in `box` (the annotations' polygon, drawn by Pillow)."""
+    canvas = Image.new("L", size, 0)
+    ImageDraw.Draw(canvas).polygon(_ellipse_polygon(box), fill=1)
+    return np.asarray(canvas, dtype=bool)
 
 
 def _rle(box: list[float]) -> dict[str, Any]:
