@@ -357,7 +357,7 @@ def _pr_section(ctx: _Context, result: EvalResult, rows: list[dict[str, Any]]) -
     colors = colormaps["viridis"](np.linspace(0.0, 0.9, len(result.iou_thresholds)))
     kind = "box" if result.iou_type == "bbox" else "mask"
 
-    def plot(curves: np.ndarray, title: str, size: tuple[float, float], path: Path) -> str:
+    def plot(curves: np.ndarray, title: str, size: tuple[float, float], path: Path, legend: str = "x-small") -> str:
         figure = Figure(figsize=size)
         ax = figure.add_subplot()
         for t, iou in enumerate(result.iou_thresholds):
@@ -366,7 +366,7 @@ def _pr_section(ctx: _Context, result: EvalResult, rows: list[dict[str, Any]]) -
             ap = float(defined.mean()) if defined.size else -1.0
             _plot_curve(ax, recall, curve, f"IoU {iou:.2f}  AP {fmt(ap)}", legend_outside=True)
             ax.lines[-1].set_color(colors[t])
-        ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize="x-small")
+        ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=legend)
         ax.set_title(title, fontsize="medium")
         return save_figure(figure, path)
 
@@ -378,8 +378,9 @@ def _pr_section(ctx: _Context, result: EvalResult, rows: list[dict[str, Any]]) -
     for k, row in enumerate(rows):
         curves = result.precision[:, :, k, 0, -1]  # (T, R)
         per_class_json[row["name"]] = np.round(curves, 4).tolist()
-        uri = plot(curves, f"{row['name']}: AP {fmt(row['AP'])}", (4.2, 2.8),
-                   ctx.plots_dir / f"pr_by_class{suffix}" / f"{row['category_id']}_{safe_name(row['name'])}.png")
+        uri = plot(curves, f"{row['name']}: AP {fmt(row['AP'])}", (3.4, 2.3),
+                   ctx.plots_dir / f"pr_by_class{suffix}" / f"{row['category_id']}_{safe_name(row['name'])}.png",
+                   legend="xx-small")  # fmt: skip
         figures.append(f'<figure><img class="plot" src="{uri}" alt="precision-recall of {html.escape(row["name"])}">'
                        f"</figure>")  # fmt: skip
     content = (f'<img class="plot" src="{mean_uri}" alt="mean precision-recall per IoU threshold">\n'
