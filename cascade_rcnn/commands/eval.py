@@ -244,7 +244,8 @@ def _run_model(args: argparse.Namespace, out_dir: Path, write_extras: bool = Tru
     if write_extras:
         print(f"\ndetections, metrics and precision-recall curves written to {out_dir}")
     if args.report:
-        _write_report(args, gt, load_detections(out_dir / "detections.json"), results, str(args.weights),
+        _write_report(args, gt, load_detections(out_dir / "detections.json"), results,
+                      f"{out_dir / 'detections.json'} (model {args.weights})",
                       stage_results=stage_results, image_ids=evaluated_ids)  # fmt: skip
     return 1 if failed else 0
 
