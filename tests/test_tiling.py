@@ -40,7 +40,8 @@ def _image(height: int, width: int, seed: int = 0) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("height,width,size,overlap", [(300, 260, 128, 0.25), (1000, 77, 100, 0.0), (513, 512, 256, 0.9)])
+@pytest.mark.parametrize("height,width,size,overlap",
+                         [(300, 260, 128, 0.25), (1000, 77, 100, 0.0), (513, 512, 256, 0.9)])
 def test_windows_cover_the_image_with_the_overlap_and_end_flush(height, width, size, overlap):
     config = TileConfig(size=size, overlap=overlap)
     windows = slice_windows(height, width, config)
@@ -174,7 +175,8 @@ def test_an_object_cut_by_slice_borders_comes_out_once_whole(constant_score):
                (220, 240, 260, 280, 0), (260, 240, 290, 280, 2)]  # fmt: skip
     sizes = {k: (x1 - x0) * (y1 - y0) for k, (x0, y0, x1, y1, _) in enumerate(objects, start=1)}
     image = _scene(objects, 300, 300)
-    result = predict_tiled(as_hwc(image), TileConfig(size=100, overlap=0.3, batch_size=3), _oracle(sizes, constant_score))
+    config = TileConfig(size=100, overlap=0.3, batch_size=3)
+    result = predict_tiled(as_hwc(image), config, _oracle(sizes, constant_score))
     got = sorted(tuple(int(v) for v in box) + (int(label),) for box, label in zip(result.boxes, result.labels))
     assert got == sorted(objects)
 
