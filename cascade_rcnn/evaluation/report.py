@@ -46,7 +46,14 @@ from cascade_rcnn.evaluation.coco import (
     has_segmentation_results,
 )
 from cascade_rcnn.evaluation.confusion import DEFAULT_SCORE_THRESHOLD, ConfusionMatrix, confusion_matrix
-from cascade_rcnn.evaluation.tide import ERROR_DESCRIPTIONS, ERROR_TYPES, ErrorAnalysis, ErrorCase, analyze_errors
+from cascade_rcnn.evaluation.tide import (
+    ERROR_DESCRIPTIONS,
+    ERROR_TYPES,
+    ErrorAnalysis,
+    ErrorCase,
+    analyze_errors,
+    require_tidecv,
+)
 
 # Columns of the per-class table after the counts, and of the stage table.
 CLASS_METRICS: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -191,6 +198,7 @@ def write_report(
         score_threshold: the confusion matrix's (and the linked drawn images') score threshold.
         gallery_size: crops per gallery.
     """
+    require_tidecv()  # before any work: a missing extra is one line, not a half-written report
     started = time.perf_counter()
     out_dir = Path(out_dir)
     ids = sorted(gt.imgs) if image_ids is None else sorted(set(image_ids))

@@ -36,6 +36,8 @@ from typing import Any
 
 from pycocotools.coco import COCO
 
+from cascade_rcnn.errors import ConfigError
+
 # tidecv's short names (its TIDE._error_types order) -> ours.
 ERROR_TYPES: tuple[str, ...] = ("cls", "loc", "both", "dupe", "bkg", "miss")
 _TIDECV_NAMES = {"Cls": "cls", "Loc": "loc", "Both": "both", "Dupe": "dupe", "Bkg": "bkg", "Miss": "miss"}
@@ -115,8 +117,7 @@ def analyze_errors(
         An `ErrorAnalysis`. Without detections every object is a miss (and the miss dAP is undefined: its oracle
         leaves nothing to score); with neither detections nor objects, only a `note` saying so.
     """
-    from tidecv import TIDE, Data
-    from tidecv.errors.main_errors import FalsePositiveError
+    TIDE, Data, FalsePositiveError = _tidecv()
 
     if iou_type not in ("bbox", "segm"):
         raise ValueError(f"iou_type {iou_type!r} is not supported: 'bbox' or 'segm'")
@@ -197,3 +198,19 @@ def _safe(compute: Any, default: Any) -> Any:
         return compute()
     except ZeroDivisionError:
         return default
+
+
+def require_tidecv() -> None:
+    """Raise a one-line ConfigError naming the extra when tidecv (the `report` extra) is not installed."""
+    _tidecv()
+
+
+def _tidecv() -> tuple[Any, Any, Any]:
+    try:
+        from tidecv import TIDE, Data
+        from tidecv.errors.main_errors import FalsePositiveError
+    except ImportError:
+        raise ConfigError(
+            "the report's error analysis needs tidecv: pip install 'cascade-rcnn[report]'"
+        ) from None
+    return TIDE, Data, FalsePositiveError
