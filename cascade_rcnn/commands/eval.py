@@ -13,6 +13,10 @@ Two modes:
 `cascade_rcnn.inference`, box-only; `metrics.json` then also holds an `inference` record of which was used, its
 settings and the model time per image (a plain run's `metrics.json` has exactly the 12 metrics).
 
+Under `torchrun --nproc-per-node N -m cascade_rcnn eval --weights ... --out DIR` the images are shared out over the
+N processes (`cascade_rcnn.inference.sharding`; `--out` on a folder they all see) and rank 0 scores the gathered
+detections, the same files a single process writes; `--resume` goes on with a killed run.
+
 Both print the 12 COCO metrics and the per-class AP, and with `--out` write `metrics.json`, `per_class_ap.json` and
 the precision-recall curves (`pr_curves.png`, `pr_curves/pr_iou0.50.png` ...).
 
@@ -27,7 +31,6 @@ reported as usual.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import tempfile
@@ -46,14 +49,15 @@ from cascade_rcnn.commands.predict import (
     make_output_dir,
     model_has_masks,
     predict_batch,
+    resolve_device,
 )
 from cascade_rcnn.data.dataset import is_file
 from cascade_rcnn.data.image_io import load_image
 from cascade_rcnn.errors import CascadeRCNNError, DatasetError, ImageReadError
 from cascade_rcnn.evaluation.coco import (
-    CocoResultsWriter,
     EvalResult,
     check_segm_ground_truth,
+    detections_to_coco,
     evaluate_coco,
     has_segmentation_results,
     load_coco_gt,
@@ -61,6 +65,8 @@ from cascade_rcnn.evaluation.coco import (
     map_labels_to_category_ids,
 )
 from cascade_rcnn.inference import options as inference_options
+from cascade_rcnn.inference import resume, sharding
+from cascade_rcnn.training.distributed import env_world_size
 
 HELP = "COCO box (and mask) metrics of a detections file, or of a model run over a COCO-format image set."
 
@@ -93,6 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--preset", metavar="NAME", help="model preset (default: from the weights file's metadata)")
     add_bf16_argument(parser)
+    resume.add_arguments(parser)
     inference_options.add_arguments(parser)
 
 
@@ -137,14 +144,16 @@ def run(args: argparse.Namespace) -> int:
     args.per_stage = args.per_stage or (args.report and args.tile is None and not args.tta)
     if args.out is not None:
         return _run_model(args, args.out)
+    if env_world_size() > 1:
+        print("error: eval under torchrun needs --out (a folder every process sees)", file=sys.stderr)
+        return 2
     # Without --out the detections still stream to a file (so memory stays flat), in a folder removed afterwards.
     with tempfile.TemporaryDirectory(prefix="cascade_rcnn_eval_") as tmp:
         return _run_model(args, Path(tmp), write_extras=False)
 
 
 def _run_model(args: argparse.Namespace, out_dir: Path, write_extras: bool = True) -> int:
-    from tqdm import tqdm
-
+    shards = sharding.join(resolve_device(args.device))  # torchrun's process group; nothing to join in one process
     gt = load_coco_gt(args.annotations)
     images = sorted(gt.dataset["images"], key=lambda image: image["id"])
     if not args.images.is_dir():
@@ -165,56 +174,54 @@ def _run_model(args: argparse.Namespace, out_dir: Path, write_extras: bool = Tru
     max_pixels = inference_options.max_pixels(args)
     # Tiling and TTA go image by image (`--batch-size`: slices or views per pass): one large image in memory at a time.
     augment = {"tile": tile, "tta": tta, "progress": True} if tile is not None or tta is not None else {}
-    detector = load_detector(args.weights, args.device, args.preset, bf16=args.bf16)
+    detector = load_detector(args.weights, shards.device, args.preset, bf16=args.bf16)
     inference_options.check_detector(detector, tile)
     batch_size = args.batch_size or default_batch_size(detector)
     images_per_pass = 1 if augment else batch_size
     category_ids, how = map_labels_to_category_ids(tuple(detector.class_names), gt)
-    print(f"model labels -> annotation category ids: {how}", file=sys.stderr)
+    if shards.is_main:
+        print(f"model labels -> annotation category ids: {how}", file=sys.stderr)
     # Decided before the model runs: a skipped segm evaluation is said at once, a malformed mask fails at once.
     masks = model_has_masks(detector) and not augment  # tiling and TTA are box-only
-    segm = masks and _segm_available(gt, args.annotations)
+    segm = masks and shards.is_main and _segm_available(gt, args.annotations)
 
-    evaluated_ids: list[int] = []
-    failed: list[str] = []
-    model_seconds = 0.0
-    stage_writers: list[CocoResultsWriter] = []
-    with contextlib.ExitStack() as stack:
-        plus_one = coco_wh_plus_one(detector)
-        writer = stack.enter_context(CocoResultsWriter(out_dir / "detections.json", category_ids, plus_one))
-        progress = stack.enter_context(tqdm(total=len(images), unit="img", desc="eval", file=sys.stderr))
-        for start in range(0, len(images), images_per_pass):
-            batch = images[start : start + images_per_pass]
-            loaded: list[tuple[dict[str, Any], Any]] = []
-            for image in batch:
+    plus_one = coco_wh_plus_one(detector)
+    # Each image's detections (and with --per-stage each stage's, fields stage1, stage2 ...) are recorded as they come
+    # and assembled into detections.json (detections_stage{k}.json) in image-id order at the end.
+    with sharding.ImageRun(out_dir / "detections.json", [image["file_name"] for image in images], shards=shards,
+                           command="eval", settings=resume.run_settings(args), resume=args.resume) as run:
+        for chunk in run.chunks(images_per_pass):
+            loaded: list[tuple[int, dict[str, Any], Any]] = []
+            for index in chunk:
+                image = images[index]
                 try:
-                    loaded.append((image, load_image(args.images / image["file_name"], max_pixels=max_pixels)))
+                    loaded.append((index, image, load_image(args.images / image["file_name"], max_pixels=max_pixels)))
                 except ImageReadError as error:
-                    progress.write(f"skipped {error}", file=sys.stderr)
-                    failed.append(str(args.images / image["file_name"]))
+                    run.write(f"skipped {error}")
+                    run.counts["failed"] += 1
             if loaded:
                 started = time.perf_counter()
-                outputs = predict_batch(detector, [pixels for _, pixels in loaded], batch_size,
+                outputs = predict_batch(detector, [pixels for _, _, pixels in loaded], batch_size,
                                         return_stages=args.per_stage, **augment)  # fmt: skip
-                model_seconds += time.perf_counter() - started
-                for (image, _), det in zip(loaded, outputs, strict=True):
-                    writer.add(image["id"], det.boxes, det.scores, det.labels, masks=det.masks if masks else None)
-                    evaluated_ids.append(image["id"])
-                    if args.per_stage:
-                        if not det.stages:
-                            raise CascadeRCNNError("--per-stage: the model returned no per-stage detections")
-                        while len(stage_writers) < len(det.stages):  # opened on first sight: the stage count
-                            k = len(stage_writers) + 1
-                            stage_path = out_dir / f"detections_stage{k}.json"
-                            stage_writers.append(stack.enter_context(
-                                CocoResultsWriter(stage_path, category_ids, plus_one)))  # fmt: skip
-                        for stage_writer, stage in zip(stage_writers, det.stages, strict=True):
-                            stage_writer.add(image["id"], stage.boxes, stage.scores, stage.labels)
-            progress.update(len(batch))
+                run.counts["model_us"] += round((time.perf_counter() - started) * 1e6)
+                for (index, image, _), det in zip(loaded, outputs, strict=True):
+                    results = detections_to_coco(image["id"], det.boxes, det.scores, det.labels, category_ids,
+                                                 wh_plus_one=plus_one, masks=det.masks if masks else None)  # fmt: skip
+                    if args.per_stage and not det.stages:
+                        raise CascadeRCNNError("--per-stage: the model returned no per-stage detections")
+                    stages = {f"stage{k}": detections_to_coco(image["id"], stage.boxes, stage.scores, stage.labels,
+                                                              category_ids, wh_plus_one=plus_one)
+                              for k, stage in enumerate(det.stages if args.per_stage else [], start=1)}  # fmt: skip
+                    run.add(index, results, **stages)
 
+    failed, model_seconds = run.counts["failed"], run.counts["model_us"] / 1e6
+    if not shards.is_main:
+        return 0  # rank 0 scores the gathered detections and reports the run
+    evaluated_ids = [images[index]["id"] for index in run.completed]
+    stage_paths = [run.outputs[f"stage{k}"] for k in range(1, len(run.outputs))]  # outputs: results, stage1 ... stageK
     if failed:
         # Score only the images the model saw: counting unreadable images' objects as missed would understate AP.
-        print(f"warning: {len(failed)} images could not be read; metrics cover the other {len(evaluated_ids)}",
+        print(f"warning: {failed} images could not be read; metrics cover the other {len(evaluated_ids)}",
               file=sys.stderr)  # fmt: skip
     results = [evaluate_coco(gt, out_dir / "detections.json", out_dir=out_dir if write_extras else None,
                              image_ids=evaluated_ids, iou_type=iou_type)
@@ -234,8 +241,8 @@ def _run_model(args: argparse.Namespace, out_dir: Path, write_extras: bool = Tru
                                     encoding="utf-8")  # fmt: skip
     stage_results: list[tuple[str, EvalResult]] = []
     if args.per_stage:
-        for k, stage_writer in enumerate(stage_writers, start=1):
-            stage_result = evaluate_coco(gt, stage_writer.path, image_ids=evaluated_ids)
+        for k, stage_path in enumerate(stage_paths, start=1):
+            stage_result = evaluate_coco(gt, stage_path, image_ids=evaluated_ids)
             if write_extras:
                 stage_result.write_json(out_dir / f"metrics_stage{k}.json")
             stage_results.append((f"stage {k}", stage_result))

@@ -7,6 +7,11 @@ image per input (see `MASKS_HELP`). An input that cannot be read is reported by 
 are still processed, and the exit code is 1. `--tile SIZE` runs sliced inference on large images (a progress bar per
 image) and `--tta` test-time augmentation, both box-only (`cascade_rcnn.inference`); `--max-megapixels` raises the
 decoding limit for very large inputs.
+
+Under `torchrun --nproc-per-node N -m cascade_rcnn predict ...` the images are shared out over the N processes (one
+model each, `cuda:LOCAL_RANK` or the CPU) and the files are the ones a single process writes
+(`cascade_rcnn.inference.sharding`). Each image's results are recorded in `OUT/partial` as they come; `--resume` goes
+on with a killed run, running only the images not yet recorded (`cascade_rcnn.inference.resume`).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import argparse
 import glob
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -27,9 +32,10 @@ from PIL import Image
 from cascade_rcnn.config import COCO_CLASSES
 from cascade_rcnn.data.image_io import load_image
 from cascade_rcnn.errors import ConfigError, ImageReadError
-from cascade_rcnn.evaluation.coco import COCO_CATEGORY_IDS, CocoResultsWriter, detections_to_coco
+from cascade_rcnn.evaluation.coco import COCO_CATEGORY_IDS, detections_to_coco
 from cascade_rcnn.evaluation.visualize import draw_detections
 from cascade_rcnn.inference import options as inference_options
+from cascade_rcnn.inference import resume, sharding
 
 if TYPE_CHECKING:
     from cascade_rcnn.api import Detector
@@ -66,6 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch, or onnxruntime: run an exported .onnx file (or export --weights on the fly) with ONNX Runtime",
     )  # fmt: skip
     parser.add_argument("--save-masks", action="store_true", help=MASKS_HELP)
+    resume.add_arguments(parser)
     inference_options.add_arguments(parser)
 
 
@@ -300,21 +307,17 @@ def category_ids_for(class_names: Sequence[str]) -> list[int]:
     return list(range(1, len(class_names) + 1))
 
 
-def _chunks(items: Sequence[InputImage], size: int) -> Iterator[Sequence[InputImage]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # The command
 # ---------------------------------------------------------------------------------------------------------------------
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
+    onnx = getattr(args, "backend", "torch") != "torch"  # ONNX Runtime runs on the CPU
+    # torchrun's process group (nothing to join in one process) and this process's device.
+    shards = sharding.join(resolve_device(args.device or ("cpu" if onnx else None)))
     paths, problems = collect_inputs(args.inputs)
-    for problem in problems:
+    for problem in problems if shards.is_main else []:
         print(f"skipped {problem}", file=sys.stderr)
     planned = plan_inputs(paths)
 
@@ -328,13 +331,13 @@ def run(args: argparse.Namespace) -> int:
     augment = {"tile": tile, "tta": tta, "progress": True} if tile is not None or tta is not None else {}
 
     if getattr(args, "backend", "torch") == "torch":
-        detector = load_detector(args.weights, args.device, args.preset, bf16=args.bf16)
+        detector = load_detector(args.weights, shards.device, args.preset, bf16=args.bf16)
     elif args.bf16:
         raise ConfigError("--bf16 applies to the torch backend (ONNX Runtime runs the graph in float32)")
     else:
         from cascade_rcnn.deploy.backends import load_backend
 
-        detector = load_backend(args.weights, args.backend, device=args.device, preset=args.preset)
+        detector = load_backend(args.weights, args.backend, device=shards.device, preset=args.preset)
     inference_options.check_detector(detector, tile)
     if save_masks and not model_has_masks(detector):
         raise ConfigError(f"--save-masks: the model of {args.weights} has no mask head (a box-only Cascade R-CNN); "
@@ -344,60 +347,62 @@ def run(args: argparse.Namespace) -> int:
     class_names = tuple(detector.class_names)
     keep_labels = parse_class_filter(args.classes, class_names)
     category_ids = category_ids_for(class_names)
-    failed = len(problems)
-    written_images = written_masks = 0
-    with (
-        CocoResultsWriter(out_dir / "detections.json", category_ids) as writer,
-        tqdm(total=len(planned), unit="img", desc="predict", file=sys.stderr) as progress,
-    ):
-        for chunk in _chunks(planned, 1 if augment else batch_size):
-            loaded: list[tuple[InputImage, np.ndarray]] = []
-            for item in chunk:
+    with sharding.ImageRun(out_dir / "detections.json", [str(item.path) for item in planned], shards=shards,
+                           command="predict", settings=resume.run_settings(args), resume=args.resume) as run:
+        progress, counts = run, run.counts  # messages above the bar; counts summed over the processes
+        counts["failed"] += len(problems) if shards.is_main else 0
+        for chunk in run.chunks(1 if augment else batch_size):
+            loaded: list[tuple[int, InputImage, np.ndarray]] = []
+            for index in chunk:
+                item = planned[index]
                 try:
-                    loaded.append((item, load_image(item.path, max_pixels=max_pixels)))
+                    loaded.append((index, item, load_image(item.path, max_pixels=max_pixels)))
                 except ImageReadError as error:
-                    progress.write(f"skipped {error}", file=sys.stderr)
-                    failed += 1
+                    progress.write(f"skipped {error}")
+                    counts["failed"] += 1
             if loaded:
                 outputs = predict_batch(
-                    detector, [image for _, image in loaded], batch_size, score_thresh=args.score_thresh, **augment
+                    detector, [image for _, _, image in loaded], batch_size, score_thresh=args.score_thresh, **augment
                 )
-                for (item, image), det in zip(loaded, outputs, strict=True):
+                for (index, item, image), det in zip(loaded, outputs, strict=True):
                     boxes, scores, labels, masks = _filtered(det, args.score_thresh, keep_labels)
                     results = detections_to_coco(item.image_id, boxes, scores, labels, category_ids,
                                                  wh_plus_one=coco_wh_plus_one(detector), masks=masks)  # fmt: skip
-                    writer.add_results(
+                    records = [
                         {"image_id": r["image_id"], "file_name": item.path.name, "category_id": r["category_id"],
                          "category_name": class_names[label], "bbox": r["bbox"], "score": r["score"],
                          **({"segmentation": r["segmentation"]} if "segmentation" in r else {})}
                         for r, label in zip(results, labels.tolist(), strict=True)
-                    )  # fmt: skip
+                    ]  # fmt: skip
                     item_failed = False
                     try:
                         drawn = draw_detections(image, boxes, scores, labels, class_names, masks=masks)
                         drawn.save(images_dir / item.output_name)
-                        written_images += 1
+                        counts["images"] += 1
                     except (OSError, ValueError) as error:
-                        progress.write(
-                            f"skipped {item.path}: cannot write {item.output_name} ({error})", file=sys.stderr
-                        )
+                        progress.write(f"skipped {item.path}: cannot write {item.output_name} ({error})")
                         item_failed = True
                     if masks_dir is not None:
                         try:
                             ids = instance_id_image(_or_empty(masks, image), *image.shape[:2])
                             Image.fromarray(ids).save(masks_dir / item.mask_name)
-                            written_masks += 1
+                            counts["masks"] += 1
                         except (OSError, ValueError) as error:
-                            progress.write(f"{item.path}: cannot write masks/{item.mask_name} ({error})",
-                                           file=sys.stderr)  # fmt: skip
+                            progress.write(f"{item.path}: cannot write masks/{item.mask_name} ({error})")
                             item_failed = True
-                    failed += item_failed
-            progress.update(len(chunk))
+                    counts["failed"] += item_failed
+                    run.add(index, records, complete=not item_failed)  # after its files: a kill redoes the image
 
-    masks_note = f", {written_masks} mask images" if masks_dir is not None else ""
-    print(f"{written_images} images{masks_note} and {writer.count} detections written to {out_dir}")
+    failed = run.counts["failed"]
+    if not shards.is_main:
+        return 0  # rank 0 reports the run, failures included, and its exit code is the run's
+    masks_note = f", {run.counts['masks']} mask images" if masks_dir is not None else ""
+    resumed = f" (and {run.resumed} images of the interrupted run)" if run.resumed else ""
+    print(f"{run.counts['images']} images{masks_note}{resumed} and {run.written.get('results', 0)} detections written "
+          f"to {out_dir}")  # fmt: skip
     if failed:
-        print(f"{failed} input(s) failed; see the messages above", file=sys.stderr)
+        left = " (run again with --resume to try only those)" if (out_dir / resume.PARTIAL_DIR).is_dir() else ""
+        print(f"{failed} input(s) failed; see the messages above{left}", file=sys.stderr)
         return 1
     return 0
 
