@@ -11,7 +11,8 @@ decoding limit for very large inputs.
 Under `torchrun --nproc-per-node N -m cascade_rcnn predict ...` the images are shared out over the N processes (one
 model each, `cuda:LOCAL_RANK` or the CPU) and the files are the ones a single process writes
 (`cascade_rcnn.inference.sharding`). Each image's results are recorded in `OUT/partial` as they come; `--resume` goes
-on with a killed run, running only the images not yet recorded (`cascade_rcnn.inference.resume`).
+on with a killed run, running only the images not yet recorded (`cascade_rcnn.inference.resume`). Video files, camera
+indices and stream URLs write a drawn video and per-frame JSON lines instead (`cascade_rcnn.inference.video`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from cascade_rcnn.errors import ConfigError, ImageReadError
 from cascade_rcnn.evaluation.coco import COCO_CATEGORY_IDS, detections_to_coco
 from cascade_rcnn.evaluation.visualize import draw_detections
 from cascade_rcnn.inference import options as inference_options
-from cascade_rcnn.inference import resume, sharding
+from cascade_rcnn.inference import resume, sharding, video
 
 if TYPE_CHECKING:
     from cascade_rcnn.api import Detector
@@ -51,8 +52,9 @@ _MAX_NAME_LENGTH = 150
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "inputs", nargs="+", metavar="INPUT", help="image files, folders (their images, sorted) or globs"
-    )
+        "inputs", nargs="+", metavar="INPUT",
+        help="image files, folders (their images, sorted) or globs; or videos, camera indices, stream URLs",
+    )  # fmt: skip
     parser.add_argument("--weights", required=True, metavar="W", help="weights file, or a known pretrained name")
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (created if needed)")
     parser.add_argument(
@@ -313,6 +315,8 @@ def category_ids_for(class_names: Sequence[str]) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if video.wants_video(args.inputs):
+        return video.run(args)
     onnx = getattr(args, "backend", "torch") != "torch"  # ONNX Runtime runs on the CPU
     # torchrun's process group (nothing to join in one process) and this process's device.
     shards = sharding.join(resolve_device(args.device or ("cpu" if onnx else None)))
