@@ -114,6 +114,10 @@ def run(args: argparse.Namespace) -> int:
     if args.report and args.out is None:
         print("error: --report needs --out (the folder report.html is written to)", file=sys.stderr)
         return 2
+    if args.report:
+        from cascade_rcnn.evaluation.tide import require_tidecv
+
+        require_tidecv()  # before the model runs
     if args.detections is not None:
         # --images is for the model; a report also draws its galleries from it.
         images = args.images is not None and not args.report
