@@ -24,8 +24,9 @@ from tests.helpers import REPO, require_coco128
 
 
 class PixelDetector:
-    """Two detections per image, placed and scored from its pixels (so each image's differ); counts the images it
-    is given. `interrupt_after`: raise KeyboardInterrupt (a Ctrl-C) once that many images were seen."""
+    """Two detections per image, placed and scored from its pixels (so each image's differ), with masks (a mask
+    model: `segmentation` goes through the records too); counts the images it is given. `interrupt_after`: raise
+    KeyboardInterrupt (a Ctrl-C) once that many images were seen."""
 
     class_names = ("person", "car")
 
@@ -43,7 +44,11 @@ class PixelDetector:
             h, w = image.shape[:2]
             m = float(image.mean()) / 255
             boxes = torch.tensor([[0.1, 0.1, 0.5, 0.6], [m * 0.4, 0.2, 0.9, 0.9]]) * torch.tensor([w, h, w, h])
-            out.append(Detections(boxes, torch.tensor([0.9, 0.3 + m / 2]), torch.tensor([0, 1]), self.class_names))
+            masks = torch.zeros((2, h, w), dtype=torch.bool)
+            masks[0, h // 4 :, : w // 2] = True
+            masks[1, : int(m * h) + 1, w // 3 :] = True
+            out.append(Detections(boxes, torch.tensor([0.9, 0.3 + m / 2]), torch.tensor([0, 1]), self.class_names,
+                                  masks=masks))  # fmt: skip
         return out
 
 
@@ -136,6 +141,7 @@ def test_interrupted_run_with_a_torn_last_record_resumes_to_the_same_file(
     _use(monkeypatch, PixelDetector())
     assert main(["predict", *inputs, "--weights", "w", "--out", str(tmp_path / "whole")]) == 0
     assert _tree(out) == _tree(tmp_path / "whole")
+    assert b'"segmentation"' in (out / "detections.json").read_bytes()
 
 
 def test_resume_with_other_flags_or_inputs_is_refused_on_one_line(
@@ -157,6 +163,9 @@ def test_resume_with_other_flags_or_inputs_is_refused_on_one_line(
     assert main(["predict", *inputs, "--weights", "w", "--out", out, "--resume", "--device", "cpu",
                  "--batch-size", "2"]) == 0  # fmt: skip
     assert "resuming: 2 of 4" in capsys.readouterr().err
+    # Nothing left to resume (the run completed, partial/ is gone): a fresh run, said on one line.
+    assert main(["predict", *inputs, "--weights", "w", "--out", out, "--resume"]) == 0
+    assert "--resume: no interrupted run in" in capsys.readouterr().err
 
 
 def test_image_whose_picture_failed_is_kept_and_run_again_on_resume(

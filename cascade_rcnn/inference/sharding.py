@@ -100,7 +100,8 @@ class ImageRun:
     """
 
     def __init__(self, results_path: Path, keys: Sequence[str], *, shards: Shards, command: str,
-                 settings: dict[str, Any], resume: bool = False, desc: str | None = None) -> None:  # fmt: skip
+                 settings: dict[str, Any], resume: bool = False, desc: str | None = None,
+                 progress: bool = True) -> None:  # fmt: skip
         self.results_path = Path(results_path)
         self.folder = self.results_path.parent / records.PARTIAL_DIR
         self.keys = list(keys)
@@ -109,6 +110,7 @@ class ImageRun:
                          "inputs": records.inputs_digest(self.keys)}  # fmt: skip
         self.resume = resume
         self.desc = desc or command
+        self.progress = progress
         self.counts: Counter[str] = Counter()
         self.outputs: dict[str, Path] = {}  # rank 0, after the block: record field -> results file
         self.written: dict[str, int] = {}  # rank 0, after the block: record field -> results in its file
@@ -152,24 +154,27 @@ class ImageRun:
         if info.enabled:
             self._check_shared_folder(plan["run_id"])
         self._bar = tqdm(total=len(self.keys), initial=self.resumed, unit="img", desc=self.desc, file=sys.stderr,
-                         disable=not info.is_main)  # fmt: skip
-        if info.enabled and info.is_main:
+                         disable=not (info.is_main and self.progress))  # fmt: skip
+        if info.enabled and info.is_main and self.progress:
             self._follower = threading.Thread(target=self._follow, args=(plan["port"],), daemon=True)
             self._follower.start()
         return self
 
     def _prepare(self) -> dict[str, Any]:
         """Rank 0: the records folder made ready (`records.prepare`), the images left to run, and the store."""
-        if not self.resume:
+        manifest = self.folder / records.MANIFEST_NAME
+        resuming = self.resume and manifest.is_file()
+        if self.resume and not resuming:
+            print(f"--resume: no interrupted run in {self.results_path.parent} (no {manifest}); starting from the "
+                  "first image", file=sys.stderr)  # fmt: skip
+        elif not self.resume:
             self.results_path.unlink(missing_ok=True)  # a killed fresh run must not leave an older complete file
         run_id = uuid.uuid4().hex
         refs = records.prepare(self.folder, {**self.manifest, "run_id": run_id}, self.resume)
         done = {index for index, ref in refs.items() if ref.complete}
-        if self.resume and not self.shards.info.enabled:
-            print(f"resuming: {len(done)} of {len(self.keys)} images already done", file=sys.stderr)
-        elif self.resume:
-            print(f"resuming: {len(done)} of {len(self.keys)} images already done; {self.shards.info.world_size} "
-                  "processes share the rest", file=sys.stderr)  # fmt: skip
+        if resuming:
+            shared = f"; {self.shards.info.world_size} processes share the rest" if self.shards.info.enabled else ""
+            print(f"resuming: {len(done)} of {len(self.keys)} images already done{shared}", file=sys.stderr)
         plan: dict[str, Any] = {"todo": [i for i in range(len(self.keys)) if i not in done], "resumed": len(done),
                                 "run_id": run_id}  # fmt: skip
         if self.shards.info.enabled:
