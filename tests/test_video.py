@@ -162,3 +162,13 @@ def test_video_sources_are_recognised() -> None:
     assert video._output_stem("rtsp://cam.local/live?x=1") == "live"
     assert video._output_stem("udp://239.0.0.1:1234") == "239.0.0.1:1234"
     assert video._output_stem("3") == "camera3"
+
+
+def test_missing_camera_or_file_is_one_line_and_exit_code_one(fake: FrameDetector, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    if Path("/dev/video97").exists() or not sys.platform.startswith("linux"):
+        pytest.skip("needs a Linux machine without /dev/video97")
+    assert main(["predict", "97", str(tmp_path / "gone.mp4"), "--weights", "w", "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("skipped 97: cannot open video (")
+    assert err[1] == f"skipped {tmp_path / 'gone.mp4'}: no such file"

@@ -40,8 +40,11 @@ _STREAM_TIMEOUT_S = 10.0
 
 
 def is_video_source(text: str) -> bool:
-    """A video file (by its extension), a camera index (`0`, `1` ...) or a stream URL."""
-    return (Path(text).suffix.lower() in VIDEO_EXTENSIONS or (text.isascii() and text.isdigit())
+    """A video file (by its extension), a camera index (`0`, `1` ...: unless a file or folder has that name) or a
+    stream URL."""
+    if text.isascii() and text.isdigit():
+        return not Path(text).exists()
+    return (Path(text).suffix.lower() in VIDEO_EXTENSIONS
             or re.match(rf"^({'|'.join(STREAM_SCHEMES)})://", text, re.IGNORECASE) is not None)  # fmt: skip
 
 
