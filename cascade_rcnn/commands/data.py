@@ -24,6 +24,7 @@ import json
 import sys
 from pathlib import Path
 
+from cascade_rcnn.commands import positive_int
 from cascade_rcnn.data import FORMATS, load_dataset, load_image, write_coco
 from cascade_rcnn.data.dataset import DetectionDataset
 from cascade_rcnn.errors import ImageReadError
@@ -49,12 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     preview = actions.add_parser("preview", help="write preview.html: labels drawn on images, class counts, box sizes")
     _add_dataset_arguments(preview)
     preview.add_argument("--out", required=True, type=Path, help="output folder (created)")
-    preview.add_argument("--max-images", type=_positive_int, default=48, help="images in the gallery (48)")
+    preview.add_argument("--max-images", type=positive_int, default=48, help="images in the gallery (48)")
     synth = actions.add_parser("synth", help="write the synthetic shapes set (PNG + COCO JSON)")
     synth.add_argument("--out", required=True, type=Path, help="output folder (created; same-named files overwritten)")
     synth.add_argument("--large", action="store_true",
                        help="large images with small objects (the demo's shapes, 16-96 px) for sliced inference")
-    synth.add_argument("--num-images", type=_positive_int, default=8, help="--large: images (8)")
+    synth.add_argument("--num-images", type=positive_int, default=8, help="--large: images (8)")
     synth.add_argument("--image-size", type=_image_size, default=(4000, 3000), metavar="WxH",
                        help="--large: image width x height (4000x3000)")
     synth.add_argument("--num-train", type=_count, default=200, help="train images of the demo's set (200)")
@@ -98,13 +99,6 @@ def _preview(args: argparse.Namespace) -> int:
     skipped = f" ({len(dataset.problems)} problems, listed there)" if dataset.problems else ""
     print(f"preview of {len(dataset)} images written to {path}{skipped}")
     return 0
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _count(text: str) -> int:

@@ -40,6 +40,7 @@ from typing import Any
 
 from pycocotools.coco import COCO
 
+from cascade_rcnn.commands import positive_int
 from cascade_rcnn.commands.predict import (
     BATCH_HELP,
     add_bf16_argument,
@@ -93,7 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", action="store_true",
                         help="also write report.html (with report.json and its plots) to --out: per-class AP, PR "
                         "curves, confusion matrix, TIDE errors, cascade stages, galleries of errors (with --images)")
-    parser.add_argument("--batch-size", type=_positive_int, metavar="N", help=BATCH_HELP)
+    parser.add_argument("--batch-size", type=positive_int, metavar="N", help=BATCH_HELP)
     parser.add_argument(
         "--device", metavar="DEVICE", help="torch device, e.g. cpu or cuda:0 (default: cuda when available, else cpu)"
     )
@@ -101,13 +102,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_bf16_argument(parser)
     resume.add_arguments(parser)
     inference_options.add_arguments(parser)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def run(args: argparse.Namespace) -> int:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cascade_rcnn.commands import positive_int
 from cascade_rcnn.config import COCO_CLASSES
 from cascade_rcnn.data.image_io import load_image
 from cascade_rcnn.errors import ConfigError, ImageReadError
@@ -63,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--classes", metavar="NAMES", help="comma-separated class names to keep, e.g. person,car (default: all)"
     )
-    parser.add_argument("--batch-size", type=_positive_int, metavar="N", help=BATCH_HELP)
+    parser.add_argument("--batch-size", type=positive_int, metavar="N", help=BATCH_HELP)
     parser.add_argument(
         "--device", metavar="DEVICE", help="torch device, e.g. cpu or cuda:0 (default: cuda when available, else cpu)"
     )
@@ -100,13 +101,6 @@ def add_bf16_argument(parser: argparse.ArgumentParser) -> None:
         "--bf16", action="store_true",
         help="run convolutions and linear layers in bfloat16 (torch backend; fast on CPUs with AVX512-BF16 or AMX)",
     )  # fmt: skip
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def resolve_device(device: str | None) -> str:

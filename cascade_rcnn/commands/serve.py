@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cascade_rcnn.commands import positive_int
 from cascade_rcnn.commands.predict import add_bf16_argument, load_detector
 from cascade_rcnn.errors import ConfigError
 from cascade_rcnn.serve import require_serve_dependencies
@@ -43,14 +44,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
                         help="torch, or onnxruntime: an exported .onnx file (or --weights exported at start)")  # fmt: skip
     add_bf16_argument(parser)
-    parser.add_argument("--max-batch-size", type=_positive_int, metavar="N",
+    parser.add_argument("--max-batch-size", type=positive_int, metavar="N",
                         help="images per model call, gathered across concurrent requests (default: 4 on a GPU, 1 on "
                              "the CPU, where batches of full-size images run slower per image)")  # fmt: skip
     parser.add_argument("--max-wait-ms", type=_non_negative_float, default=5.0, metavar="MS",
                         help="how long a request waits for others to fill a batch (5)")  # fmt: skip
-    parser.add_argument("--queue-size", type=_positive_int, default=32, metavar="N",
+    parser.add_argument("--queue-size", type=positive_int, default=32, metavar="N",
                         help="images waiting for the model at most; beyond, 503 with Retry-After (32)")  # fmt: skip
-    parser.add_argument("--max-images", type=_positive_int, default=8, metavar="N", help="images per request (8)")
+    parser.add_argument("--max-images", type=positive_int, default=8, metavar="N", help="images per request (8)")
     parser.add_argument("--max-upload-mb", type=_positive_float, default=20.0, metavar="MB",
                         help="request body limit in MiB; beyond, 413 (20)")  # fmt: skip
     parser.add_argument("--max-megapixels", type=_positive_float, default=40.0, metavar="MP",
@@ -187,13 +188,6 @@ def _is_loopback(host: str) -> bool:
 
 def _ignore_signal(signum: int, frame: object) -> None:
     pass
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _positive_float(text: str) -> float:
