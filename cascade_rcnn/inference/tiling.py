@@ -256,36 +256,65 @@ def predict_tiled(
     if height <= config.size and width <= config.size:
         return detect([crop(pixels, (0, 0, width, height)).to(device)])[0].to("cpu")
     windows = slice_windows(height, width, config)
-    parts: list[Detections] = []
-    sources: list[Tensor] = []  # the slice of each part's detections
+    found = _Collected()
     bar = _progress_bar(len(windows) + int(config.full_image), name) if progress else None
     try:
         for start in range(0, len(windows), config.batch_size):
             chunk = windows[start : start + config.batch_size]
             outputs = detect([crop(pixels, window).to(device) for window in chunk])
-            for (x0, y0, _, _), det in zip(chunk, outputs):
-                det = det.to("cpu")
-                shift = torch.tensor([x0, y0, x0, y0], dtype=det.boxes.dtype)
-                parts.append(Detections(det.boxes + shift, det.scores, det.labels))
-                sources.append(torch.full((len(det),), len(sources), dtype=torch.int64))
+            for index, ((x0, y0, _, _), det) in enumerate(zip(chunk, outputs), start=start):
+                found.add(det, (x0, y0), index)
             if bar is not None:
                 bar.update(len(chunk))
         if config.full_image:
             target_h, target_w = full_image_size if full_image_size is not None else (height, width)
             factor = max(1, min(height // max(target_h, 1), width // max(target_w, 1)))
             det = detect([reduce_image(pixels, factor).to(device)])[0].to("cpu")
-            parts.append(Detections(det.boxes * factor, det.scores, det.labels))
-            sources.append(torch.full((len(det),), len(sources), dtype=torch.int64))
+            found.add(Detections(det.boxes * factor, det.scores, det.labels), (0, 0), len(windows))
             if bar is not None:
                 bar.update(1)
     finally:
         if bar is not None:
             bar.close()
-    boxes = torch.cat([p.boxes for p in parts])
-    scores = torch.cat([p.scores for p in parts])
-    labels = torch.cat([p.labels for p in parts])
-    return merge_detections(boxes, scores, labels, sources=torch.cat(sources), match_thresh=config.match_thresh,
+    boxes, scores, labels, sources = found.tensors()
+    return merge_detections(boxes, scores, labels, sources=sources, match_thresh=config.match_thresh,
                             cell=float(config.size))  # fmt: skip
+
+
+class _Collected:
+    """The detections of every slice, in image pixels, gathered in arrays that grow by doubling: a few large blocks
+    rather than thousands of small tensors kept alive between forward passes (which pin the allocator's heap, so the
+    memory of each pass's activations is not reused and the process grows with the number of slices)."""
+
+    def __init__(self, capacity: int = 1024) -> None:
+        self.count = 0
+        self.boxes = np.empty((capacity, 4), np.float32)
+        self.scores = np.empty(capacity, np.float32)
+        self.labels = np.empty(capacity, np.int64)
+        self.sources = np.empty(capacity, np.int64)
+
+    def add(self, det: Detections, offset: tuple[int, int], source: int) -> None:
+        """Append one slice's detections, shifted by its (x0, y0) `offset`; `source`: the slice's index."""
+        n = len(det)
+        if self.count + n > len(self.scores):
+            size = max(2 * len(self.scores), self.count + n)
+            for name in ("boxes", "scores", "labels", "sources"):
+                old = getattr(self, name)
+                grown = np.empty((size, *old.shape[1:]), old.dtype)
+                grown[: self.count] = old[: self.count]
+                setattr(self, name, grown)
+        end = self.count + n
+        x0, y0 = offset
+        self.boxes[self.count : end] = det.boxes.cpu().numpy() + np.array([x0, y0, x0, y0], np.float32)
+        self.scores[self.count : end] = det.scores.cpu().numpy()
+        self.labels[self.count : end] = det.labels.cpu().numpy()
+        self.sources[self.count : end] = source
+        self.count = end
+
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """boxes (N, 4) float32, scores (N,), labels (N,) int64, sources (N,) int64."""
+        n = self.count
+        return tuple(torch.from_numpy(a[:n].copy()) for a in (self.boxes, self.scores, self.labels, self.sources))
 
 
 def _progress_bar(total: int, name: str):  # noqa: ANN202 - a tqdm bar
