@@ -455,6 +455,19 @@ def _type_name(obj: Any) -> str:
     return obj.refused_global if isinstance(obj, InertObject) else type(obj).__name__
 
 
+def _has_json_header(path: Path, header_len: int) -> bool:
+    """Whether the `header_len` bytes after the first 8 of `path` are a JSON object (a safetensors header)."""
+    import json
+
+    with open(path, "rb") as f:
+        f.seek(8)
+        header = f.read(header_len)
+    try:
+        return len(header) == header_len and isinstance(json.loads(header), dict)
+    except ValueError:  # also UnicodeDecodeError
+        return False
+
+
 def sniff_checkpoint_format(path: str | Path) -> str:
     """Name a weights file's format from its content, not its suffix.
 
@@ -475,15 +488,19 @@ def sniff_checkpoint_format(path: str | Path) -> str:
         except zipfile.BadZipFile:
             pass
         return "unknown"
+    if len(head) >= 9 and head[8:9] == b"{":
+        header_len = int.from_bytes(head[:8], "little")
+        # Before the pickle check: safetensors pads its header to a multiple of 8, so one file in 32 has a header
+        # length whose low byte is 0x80, pickle's PROTO opcode. Such a file is safetensors when its header is JSON.
+        if 2 <= header_len <= _SAFETENSORS_MAX_HEADER and (
+            head[:1] != bytes([_PICKLE_PROTO]) or _has_json_header(path, header_len)
+        ):
+            return "safetensors"
     if head[:1] == bytes([_PICKLE_PROTO]):
         # Legacy torch.save starts with the pickled magic number: PROTO n, LONG1 of 10 bytes, the number, STOP.
         if head[2:4] == b"\x8a\x0a" and int.from_bytes(head[4:14], "little") == _LEGACY_MAGIC_NUMBER:
             return "torch"
         return "pickle"
-    if len(head) >= 9 and head[8:9] == b"{":
-        header_len = int.from_bytes(head[:8], "little")
-        if 2 <= header_len <= _SAFETENSORS_MAX_HEADER:
-            return "safetensors"
     if is_mindspore_ckpt(path):  # reads the first record's header only; never raises
         return "mindspore"
     return "unknown"
