@@ -19,6 +19,7 @@ from cascade_rcnn.config import PRESETS, get_preset
 from cascade_rcnn.io.download import KNOWN_WEIGHTS
 from cascade_rcnn.errors import CheckpointError
 from cascade_rcnn.io.detectron2 import (
+    MASK_PRESET,
     PRESET,
     convert_detectron2_state_dict,
     detectron2_to_project_name,
@@ -186,15 +187,16 @@ def test_a_pickle_of_arrays_that_is_not_a_detectron2_model_is_refused(tmp_path):
 
 
 def test_known_weights_names():
-    """The two published files, as detectron2's MODEL_ZOO.md lists them, run with the detectron2 preset."""
+    """The two published files, as detectron2's MODEL_ZOO.md lists them, run with the detectron2 mask preset (the
+    one their mask head loads into)."""
     expected = {
-        "detectron2-r50-1x": ("cascade_mask_rcnn_R_50_FPN_1x/138602847/model_final_e9d89b.pkl", 42.1),
-        "detectron2-r50-3x": ("cascade_mask_rcnn_R_50_FPN_3x/144998488/model_final_480dd8.pkl", 44.3),
+        "detectron2-r50-1x": ("cascade_mask_rcnn_R_50_FPN_1x/138602847/model_final_e9d89b.pkl", 42.1, 36.4),
+        "detectron2-r50-3x": ("cascade_mask_rcnn_R_50_FPN_3x/144998488/model_final_480dd8.pkl", 44.3, 38.5),
     }
-    for name, (tail, box_ap) in expected.items():
+    for name, (tail, box_ap, mask_ap) in expected.items():
         entry = KNOWN_WEIGHTS[name]
         assert entry.url == f"https://dl.fbaipublicfiles.com/detectron2/Misc/{tail}"
-        assert (entry.format, entry.preset, entry.box_ap) == ("detectron2", PRESET, box_ap)
+        assert (entry.format, entry.preset, entry.box_ap, entry.mask_ap) == ("detectron2", MASK_PRESET, box_ap, mask_ap)
         assert entry.preset in PRESETS
 
 

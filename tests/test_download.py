@@ -14,22 +14,22 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
+import dataclasses
+import io
 
+import pytest
+import torch
+from test_mmdet_loading import small_mmdet_checkpoint
+
+from cascade_rcnn.config import PRESETS, get_preset
 from cascade_rcnn.io import download
+from cascade_rcnn.io.detectron2 import MASK_PRESET
 from cascade_rcnn.io.download import KNOWN_WEIGHTS, KnownWeights, fetch_weights, resolve_weights
+from cascade_rcnn.io.weights import load_checkpoint
 from cascade_rcnn.errors import CheckpointError, DownloadError
 
 BODY = bytes(range(256)) * 4096  # 1 MiB, a few progress-bar chunks
 BODY_SHA256 = hashlib.sha256(BODY).hexdigest()
-PRESETS = {
-    "cascade_rcnn_r50_fpn",
-    "cascade_rcnn_r101_fpn",
-    "cascade_rcnn_x101_32x4d_fpn",
-    "cascade_rcnn_x101_64x4d_fpn",
-    "cascade_rcnn_r50_fpn_detectron2",
-    "cascade_rcnn_r101_fpn_mindspore",
-}
 
 
 class WeightsServer:
@@ -228,14 +228,20 @@ def test_registry_entries_are_consistent() -> None:
         assert entry.url.startswith("https://"), key
         assert entry.preset in PRESETS, key
         assert 30.0 < entry.box_ap < 50.0, key
+        # A mask AP exactly for the weights of a mask preset, and below the box AP, as every publisher's is.
+        assert (entry.mask_ap is not None) == get_preset(entry.preset).has_masks, key
+        assert entry.mask_ap is None or 30.0 < entry.mask_ap < entry.box_ap, key
         if entry.format == "mmdet":
             # mmcv's publish_model appends the first 8 hex digits of the file's sha256 to its name.
             assert entry.url.startswith("https://download.openmmlab.com/mmdetection/v2.0/cascade_rcnn/")
             assert entry.url.endswith("/" + entry.file_name)
             assert re.fullmatch(r".*-([0-9a-f]{8})\.pth", entry.file_name).group(1) == entry.sha256
+            # mmdetection names its Cascade Mask R-CNN files cascade_mask_rcnn_*, and they load as a mask preset.
+            assert entry.file_name.startswith("cascade_mask_rcnn_") == (entry.mask_ap is not None), key
         elif entry.format == "detectron2":
             assert entry.url.startswith("https://dl.fbaipublicfiles.com/detectron2/Misc/cascade_mask_rcnn_R_50_FPN_")
             assert entry.sha256 is None
+            assert entry.preset == MASK_PRESET  # detectron2's published cascade files all have their mask head
             url_name = entry.url.rsplit("/", 1)[1]
             assert re.fullmatch(r"model_final_[0-9a-f]{6}\.pkl", url_name) and entry.file_name.endswith(url_name)
         else:
@@ -243,6 +249,63 @@ def test_registry_entries_are_consistent() -> None:
             assert entry.url.endswith("/" + entry.file_name)
     file_names = [w.file_name for w in KNOWN_WEIGHTS.values()]
     assert len(set(file_names)) == len(file_names), "two entries would share one cache file"
+
+
+def test_published_mask_weights() -> None:
+    """The Cascade Mask R-CNN files of mmdetection's metafile (1x) and detectron2's MODEL_ZOO.md (Misc), with the
+    box and mask AP their publishers report on COCO val2017."""
+    expected = {
+        "mmdet-mask-r50-1x": ("cascade_mask_rcnn_r50_fpn_1x_coco_20200203-9d4dcb24.pth", 41.2, 35.9),
+        "mmdet-mask-r101-1x": ("cascade_mask_rcnn_r101_fpn_1x_coco_20200203-befdf6ee.pth", 42.9, 37.3),
+        "mmdet-mask-x101-32x4d-1x": ("cascade_mask_rcnn_x101_32x4d_fpn_1x_coco_20200201-0f411b1f.pth", 44.3, 38.3),
+        "mmdet-mask-x101-64x4d-1x": ("cascade_mask_rcnn_x101_64x4d_fpn_1x_coco_20200203-9a2db89d.pth", 45.3, 39.2),
+        "detectron2-r50-1x": ("model_final_e9d89b.pkl", 42.1, 36.4),
+        "detectron2-r50-3x": ("model_final_480dd8.pkl", 44.3, 38.5),
+    }
+    for name, (file_name, box_ap, mask_ap) in expected.items():
+        entry = KNOWN_WEIGHTS[name]
+        assert entry.url.endswith("/" + file_name) and (entry.box_ap, entry.mask_ap) == (box_ap, mask_ap), name
+        assert "Cascade Mask R-CNN" in entry.description, name
+    assert KNOWN_WEIGHTS["mmdet-mask-r50-1x"].url == (
+        "https://download.openmmlab.com/mmdetection/v2.0/cascade_rcnn/cascade_mask_rcnn_r50_fpn_1x_coco/"
+        "cascade_mask_rcnn_r50_fpn_1x_coco_20200203-9d4dcb24.pth"
+    )
+    assert KNOWN_WEIGHTS["mmdet-mask-r50-1x"].sha256 == "9d4dcb24"
+
+
+def test_mask_entry_downloads_verifies_and_loads_as_its_preset(
+    tmp_path: Path, server: WeightsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A known mask name end to end, served locally: an mmdetection-layout Cascade Mask R-CNN checkpoint (1-element
+    tensors, except the shapes the converter reads), verified by the 8-hex sha256 prefix of its name as mmdetection's
+    entries are, read as the entry's preset with its mask heads."""
+    state_dict = small_mmdet_checkpoint(num_classes=80)
+    for s in range(3):
+        state_dict[f"roi_head.mask_head.{s}.convs.0.conv.weight"] = torch.zeros(1)
+        state_dict[f"roi_head.mask_head.{s}.conv_logits.weight"] = torch.zeros(1)
+    buffer = io.BytesIO()
+    torch.save({"state_dict": state_dict, "meta": {}}, buffer)
+    body = buffer.getvalue()
+    published = KNOWN_WEIGHTS["mmdet-mask-r50-1x"]
+    path = "/" + published.url.split("/", 3)[3]  # the publisher's path, on the local server
+    server.routes[path] = (body, len(body))
+    served = dataclasses.replace(published, url=server.url(path), sha256=hashlib.sha256(body).hexdigest()[:8])
+    monkeypatch.setitem(KNOWN_WEIGHTS, served.name, served)
+    monkeypatch.setenv("CASCADE_RCNN_CACHE", str(tmp_path))
+
+    local = resolve_weights("mmdet-mask-r50-1x", progress=False)
+    assert local == tmp_path / published.file_name and local.read_bytes() == body
+    checkpoint = load_checkpoint(local)
+    assert checkpoint.preset == published.preset == "cascade_mask_rcnn_r50_fpn"
+    assert checkpoint.config.has_masks and checkpoint.config.mask.heads == "per_stage"
+    assert "mask_heads.heads.2.logits.weight" in checkpoint.state_dict
+
+    # The same name with a body that does not start with the published prefix is refused, and nothing is kept.
+    local.unlink()
+    monkeypatch.setitem(KNOWN_WEIGHTS, served.name, dataclasses.replace(served, sha256=published.sha256))
+    with pytest.raises(DownloadError, match="expected sha256 starting with 9d4dcb24"):
+        resolve_weights("mmdet-mask-r50-1x", progress=False)
+    assert _files(tmp_path) == []
 
 
 def test_known_weights_rejects_malformed_checksums() -> None:

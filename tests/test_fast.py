@@ -238,8 +238,8 @@ def test_benchmark_report_and_size() -> None:
     assert parse_size("800x1333") == (800, 1333)
     with pytest.raises(ConfigError):
         parse_size("1333x800")
-    paths = ("torch_fp32", "torch_bf16", "onnxruntime", "torchvision_faster_rcnn")
-    secs = dict(zip(paths, (4.0, 8.0, 3.0, 4.2)))
+    paths = ("torch_fp32", "torch_fp32_masks", "torch_bf16", "onnxruntime", "torchvision_faster_rcnn")
+    secs = dict(zip(paths, (4.0, 6.5, 8.0, 3.0, 4.2)))
     result = {
         "seconds_per_image": secs,
         "median_seconds_per_image": secs,
@@ -257,6 +257,14 @@ def test_benchmark_report_and_size() -> None:
         "peak_rss_mb": 1400.0,
         "peak_rss_mb_by_path": {"torch_fp32": 1400.0},
         "runtime_rss_mb_by_path": {"torch_fp32": 901.0},
+        "mask_preset": "cascade_mask_rcnn_r50_fpn",
+        "mask_extra_ms_per_image": 2500.0,
+        "mask_extra_ms_per_image_median": 2450.0,
+        "mask_time_ratio": 6.5 / 4.0,
+        "mask_paste_ms_per_image": 40.0,
+        "mask_gflops_per_image": 318.0,
+        "mask_params": 7_900_000,
+        "mask_peak_rss_extra_mb": 180.0,
         "settings": {
             "preset": "p",
             "size": "800x1333",
@@ -270,8 +278,11 @@ def test_benchmark_report_and_size() -> None:
         },
     }
     text = report(result)
-    for needle in ("ONNX Runtime", "bf16", "torchvision", "0.95", "GFLOP/s", "1400 MB", "901 MB", "69.0 M"):
-        assert needle in text
+    for needle in ("ONNX Runtime", "bf16", "torchvision", "0.95", "GFLOP/s", "1400 MB", "901 MB", "69.0 M",
+                   "+ masks", "+2500 ms", "paste 40 ms", "+318.0 GFLOP", "+180 MB", "<= +300 MB"):
+        assert needle in text, needle
+    no_masks = report({**result, "mask_preset": None, "mask_extra_ms_per_image": None})
+    assert "+2500 ms" not in no_masks
 
 
 def test_torchvision_reference_loads_like_ours_and_detects_the_same(tmp_path: Path) -> None:
@@ -298,9 +309,13 @@ def test_benchmark_command_writes_every_figure(tmp_path: Path) -> None:
     from cascade_rcnn.cli import main
 
     out = tmp_path / "bench.json"
-    args = ["benchmark", "--images", str(VAL), "--num-images", "1", "--size", "96x128", "--batch", "2", "--no-onnx"]
+    # (The mask model beside it: tests/test_mask_deploy.py::test_benchmark_reports_what_masks_add.)
+    args = ["benchmark", "--images", str(VAL), "--num-images", "1", "--size", "96x128", "--batch", "2", "--no-onnx",
+            "--no-masks"]
     assert main([*args, "--json", str(out)]) == 0
     result = json.loads(out.read_text())
+    assert result["mask_preset"] is None and result["mask_extra_ms_per_image"] is None
+    assert result["seconds_per_image"]["torch_fp32_masks"] is None
     for key in ("ratio_vs_torchvision_fp32", "matmul_gflops", "achieved_gflops", "matmul_fraction", "bf16_speedup",
                 "batch2_speedup", "gflops_per_image", "params", "peak_rss_mb"):
         assert result[key] > 0, key

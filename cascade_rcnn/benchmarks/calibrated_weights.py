@@ -10,7 +10,9 @@ behave like a trained model's in the work they cause, as the mmdet reference rec
   on the last norm of a residual branch), beta N(0, 0.1^2);
 - frozen batch-norm running statistics = the batch statistics of one forward pass on a calibration image;
 - on that image, the RPN objectness logits scaled to std 1.5 and centred per anchor, minus 3; RPN deltas std 0.15;
-  each box head's class logits scaled to std 4 and centred per class, with +10 on background; its deltas std 1.5.
+  each box head's class logits scaled to std 4 and centred per class, with +10 on background; its deltas std 1.5;
+- a mask model's mask-head logits (on the final detections) scaled to std 4 and centred per class, so that about half
+  of each box's cells are in its mask: pasting does a trained model's work, and comparisons see both sides.
 
 Used by `cascade-rcnn benchmark` and by the tests that compare inference paths on real images.
 """
@@ -141,13 +143,15 @@ def calibrate_cascade(
     delta_std: float = 1.5,
     logit_std: float = 4.0,
     background_logit: float = 10.0,
+    mask_logit_std: float = 4.0,
 ) -> None:
     """Give a `CascadeRCNN` calibrated random weights on `image` ((3, H, W) RGB 0-255, any size: the model resizes it).
 
-    `delta_std` is the spread of the box heads' raw deltas, `logit_std` that of their class logits, and
-    `background_logit` the background's offset. A random network's rounding errors grow with its logits, and its
-    features change within a pixel, so a box error becomes a feature error at the next stage: smaller values give
-    better-conditioned weights (for comparing two implementations) with as many detections.
+    `delta_std` is the spread of the box heads' raw deltas, `logit_std` that of their class logits, `background_logit`
+    the background's offset, and `mask_logit_std` the spread of a mask model's mask logits. A random network's rounding
+    errors grow with its logits, and its features change within a pixel, so a box error becomes a feature error at the
+    next stage: smaller values give better-conditioned weights (for comparing two implementations) with as many
+    detections.
     """
     model.eval()
     randomize_weights(model, seed)
@@ -159,6 +163,9 @@ def calibrate_cascade(
         shift = torch.zeros(num_classes + 1)
         shift[num_classes] = background_logit  # background is the last column
         heads += [OutputCalibration(head.fc_cls, logit_std, True, shift), OutputCalibration(head.fc_reg, delta_std)]
+    if getattr(model, "mask_heads", None) is not None:
+        # After the box heads in the pass: each mask head sees the calibrated model's final detections.
+        heads += [OutputCalibration(head.logits, mask_logit_std, True) for head in model.mask_heads.heads]
     calibrate(model, lambda: model.predict([image]), dense, heads)
 
 

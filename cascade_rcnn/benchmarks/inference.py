@@ -2,6 +2,12 @@
 
 Every model gets calibrated random weights (`cascade_rcnn.benchmarks.calibrated_weights`), so that all do a trained
 model's post-processing work.
+
+What masks cost: beside the box model, the benchmark times the preset's Cascade Mask R-CNN sibling
+(`cascade_rcnn_r50_fpn` -> `cascade_mask_rcnn_r50_fpn`) with the box model's own weights, interleaved image by image
+with the other paths: same boxes, so the difference is the mask heads on the final detections and the pasting of
+their masks into the image (`mask_extra_ms_per_image`; the paste alone is timed as well). Its peak memory is measured
+in a fresh process like the box model's (`mask_peak_rss_extra_mb`).
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from cascade_rcnn.benchmarks.calibrated_weights import calibrate_cascade, calibrate_torchvision
+from cascade_rcnn.config import PRESETS
+from cascade_rcnn.modeling.masks import paste_masks
 
 # ---------------------------------------------------------------------------------------------------------------------
 # FLOPs
@@ -60,7 +68,7 @@ def matmul_gflops(threads: int, size: int = 2048, seconds: float = 1.0) -> float
 # The benchmark
 
 CALIBRATION_IMAGE = "000000001000.jpg"  # the mmdet reference's calibration image: outside its (and our) timed set
-PATHS = ("torch_fp32", "torch_bf16", "onnxruntime", "torchvision_faster_rcnn")
+PATHS = ("torch_fp32", "torch_fp32_masks", "torch_bf16", "onnxruntime", "torchvision_faster_rcnn")
 
 
 @dataclass
@@ -77,7 +85,17 @@ class BenchmarkSettings:
     bf16: bool = True
     onnx: bool = True
     torchvision: bool = True
+    masks: bool = True  # time the preset's mask sibling too (`mask_preset_of`)
     seed: int = 0
+
+
+def mask_preset_of(preset: str) -> str | None:
+    """The Cascade Mask R-CNN preset with `preset`'s box path (`cascade_rcnn_r50_fpn` -> `cascade_mask_rcnn_r50_fpn`),
+    or None where there is none (the preset is a mask preset already, or has no mask sibling)."""
+    if not preset.startswith("cascade_rcnn_"):
+        return None
+    name = "cascade_mask_rcnn_" + preset.removeprefix("cascade_rcnn_")
+    return name if name in PRESETS else None
 
 
 def build_torchvision_reference(min_size: int, max_size: int, proposals: int, detections: int) -> nn.Module:
@@ -231,6 +249,16 @@ def run_benchmark(settings: BenchmarkSettings, log: Callable[[str], None] = prin
     fp32 = Detector(s.preset, **overrides)
     calibrate_cascade(fp32.model, calibration, s.seed)
     runners: dict[str, Callable[[Tensor], object]] = {"torch_fp32": fp32.predict}
+    mask_preset = mask_preset_of(s.preset) if s.masks else None
+    masked = None
+    if mask_preset is not None:
+        masked = Detector(mask_preset, **overrides)
+        calibrate_cascade(masked.model, calibration, s.seed)  # the mask heads' calibration
+        # Then the box model's own weights: both find the same boxes, and only the mask heads are the mask model's.
+        missing, unexpected = masked.model.load_state_dict(fp32.model.state_dict(), strict=False)
+        if unexpected or not all(name.startswith("mask_heads.") for name in missing):
+            raise RuntimeError(f"{mask_preset} does not have {s.preset}'s box path")
+        runners["torch_fp32_masks"] = masked.predict
     bf16 = None
     if s.bf16:
         bf16 = Detector(config=fp32.config, bf16=True)
@@ -294,10 +322,16 @@ def run_benchmark(settings: BenchmarkSettings, log: Callable[[str], None] = prin
         batched = time.perf_counter() - start
     log(f"  batch of {s.batch}: {batched:.2f}s, one by one {single:.2f}s")
 
+    paste_seconds = []
+    if masked is not None:
+        log("timing the paste of the masks ...")
+        paste_seconds = [time_paste(masked.inference_model, img) for img in images]
+
     log("counting FLOPs ...")
     flops_by_size: dict[tuple[int, ...], int] = {}
     tv_flops_by_size: dict[tuple[int, ...], int] = {}
-    flops, tv_flops = [], []
+    mask_flops_by_size: dict[tuple[int, ...], int] = {}
+    flops, tv_flops, mask_flops = [], [], []
     for img in images:
         key = tuple(img.shape)
         if key not in flops_by_size:
@@ -305,14 +339,30 @@ def run_benchmark(settings: BenchmarkSettings, log: Callable[[str], None] = prin
                 flops_by_size[key] = count_flops(lambda img=img: fp32.predict(img))
                 if tv is not None:
                     tv_flops_by_size[key] = count_flops(lambda img=img: tv([img / 255.0]))
+                if masked is not None:
+                    mask_flops_by_size[key] = count_flops(lambda img=img: masked.predict(img))
         flops.append(flops_by_size[key])
         if tv is not None:
             tv_flops.append(tv_flops_by_size[key])
+        if masked is not None:
+            mask_flops.append(mask_flops_by_size[key])
     matmul = statistics.median([*matmul_rates, matmul_gflops(s.threads, seconds=0.5)])
 
     log("measuring peak memory in fresh processes ...")
     weights = fp32.save(work / "weights.safetensors")
-    measured = {"torch_fp32": _measure_peak_rss("torch_fp32", weights, s.images[0], s.threads)}
+    if masked is None:
+        measured = {"torch_fp32": _measure_peak_rss("torch_fp32", weights, s.images[0], s.threads)}
+    else:
+        # The same child for both: `Detector.from_weights` builds the mask model from its file. One model's peak
+        # varies between fresh processes by as much as masks add (measured: 1247 and 1365 MB for one R50 file and
+        # image), so each is measured three times, alternately, and the medians compared.
+        mask_weights = masked.save(work / "mask_weights.safetensors")
+        runs: dict[str, list[tuple[float, float]]] = {"torch_fp32": [], "torch_fp32_masks": []}
+        for _ in range(3):
+            for name, path in (("torch_fp32", weights), ("torch_fp32_masks", mask_weights)):
+                runs[name].append(_measure_peak_rss("torch_fp32", path, s.images[0], s.threads))
+        measured = {name: sorted(r)[len(r) // 2] for name, r in runs.items()}  # the median peak's run
+        rss_runs = {name: [peak for peak, _ in r] for name, r in runs.items()}
     if tv is not None:
         tv_weights = save_torchvision_reference(tv, tv_settings, work / "torchvision.safetensors")
         measured["torchvision_faster_rcnn"] = _measure_peak_rss("torchvision", tv_weights, s.images[0], s.threads)
@@ -357,6 +407,19 @@ def run_benchmark(settings: BenchmarkSettings, log: Callable[[str], None] = prin
         },
         "per_image_seconds": times,
     }
+    # Per image, the mask model's time minus the box model's on the same image, timed side by side.
+    mask_extra = [m - b for m, b in zip(times.get("torch_fp32_masks", []), times["torch_fp32"])]
+    result.update({
+        "mask_preset": mask_preset,
+        "mask_extra_ms_per_image": 1e3 * statistics.fmean(mask_extra) if mask_extra else None,
+        "mask_extra_ms_per_image_median": 1e3 * statistics.median(mask_extra) if mask_extra else None,
+        "mask_time_ratio": ratio("torch_fp32_masks", "torch_fp32"),
+        "mask_paste_ms_per_image": 1e3 * statistics.fmean(paste_seconds) if paste_seconds else None,
+        "mask_gflops_per_image": (statistics.fmean(mask_flops) - statistics.fmean(flops)) / 1e9 if mask_flops else None,
+        "mask_params": count_parameters(masked.model) - count_parameters(fp32.model) if masked is not None else None,
+        "mask_peak_rss_extra_mb": rss["torch_fp32_masks"] - rss["torch_fp32"] if "torch_fp32_masks" in rss else None,
+        "mask_peak_rss_runs_mb": rss_runs if masked is not None else None,
+    })
     if tv is not None:
         result["torchvision_gflops_per_image"] = statistics.fmean(tv_flops) / 1e9
         result["torchvision_params"] = count_parameters(tv)
@@ -366,12 +429,27 @@ def run_benchmark(settings: BenchmarkSettings, log: Callable[[str], None] = prin
     return result
 
 
+def time_paste(model: nn.Module, image: Tensor, repeats: int = 3) -> float:
+    """Seconds `paste_masks` takes (best of `repeats`) to paste a mask model's detections on `image` into it: the
+    model's own `detect` outputs, pasted as `CascadeRCNN.predict_batch` pastes them."""
+    batch, _ = model.transform([image])
+    with torch.inference_mode():
+        boxes, _, _, _, probs = model.detect(*batch.as_tensors())
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            paste_masks(probs, boxes, batch.original_sizes[0], model.mask_threshold)
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
 def report(result: dict) -> str:
     """The benchmark's figures as a text table."""
     s, batch = result["settings"], result["batch_size"]
     secs, fp32 = result["seconds_per_image"], result["seconds_per_image"]["torch_fp32"]
     labels = {
         "torch_fp32": "ours, PyTorch fp32",
+        "torch_fp32_masks": "ours + masks, PyTorch fp32",
         "torch_bf16": "ours, PyTorch bf16 autocast",
         "onnxruntime": "ours, ONNX Runtime",
         "torchvision_faster_rcnn": "torchvision Faster R-CNN R50-FPN",
@@ -427,6 +505,16 @@ def report(result: dict) -> str:
         + ", ".join(f"{k} {v:.0f} MB" for k, v in result["peak_rss_mb_by_path"].items())
         + "  (target <= 1500 MB for ours)",
     ]
+    if result.get("mask_extra_ms_per_image") is not None:
+        lines += [
+            (
+                f"masks ({result['mask_preset']}), per image:  {result['mask_extra_ms_per_image']:+.0f} ms "
+                f"(median {result['mask_extra_ms_per_image_median']:+.0f} ms, {result['mask_time_ratio']:.2f}x the box "
+                f"model), of which paste {result['mask_paste_ms_per_image']:.0f} ms; "
+                f"+{result['mask_gflops_per_image']:.1f} GFLOP, +{result['mask_params'] / 1e6:.1f} M params"
+            ),
+            f"masks, peak resident memory:          {result['mask_peak_rss_extra_mb']:+.0f} MB  (target <= +300 MB)",
+        ]
     if "runtime_rss_mb_by_path" in result:
         lines.append(
             "  of which Python + torch + torchvision:  "

@@ -5,7 +5,10 @@ bf16 autocast path, the ONNX Runtime path, and torchvision's Faster R-CNN R50-FP
 it; every model gets calibrated random weights (so that all do the same post-processing work: score threshold 0, 100
 detections, 1000 proposals). Prints seconds per image and their ratios, FLOPs and parameters, the achieved GFLOP/s
 against this CPU's matmul rate measured in the same run, the batch-of-4 throughput gain and the peak resident memory
-of one image in a fresh process; `--json FILE` writes the same figures.
+of one image in a fresh process; `--json FILE` writes the same figures. Beside the box model it times the preset's
+Cascade Mask R-CNN sibling with the same box weights, and reports what masks add per image (mask heads on the 100
+detections and the paste into the image: `mask_extra_ms_per_image`, the paste alone, GFLOPs) and to the peak memory
+(`mask_peak_rss_extra_mb`); `--no-masks` skips it.
 
 `--bf16-accuracy WEIGHTS --images DIR --annotations JSON` instead compares bf16 with float32 on a trained model
 (`cascade_rcnn.benchmarks.bf16_accuracy`): COCO AP of each, and how closely bf16 reproduces float32's detections.
@@ -40,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 path (slow on CPUs without bf16)")
     parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime path")
     parser.add_argument("--no-torchvision", action="store_true", help="skip torchvision's Faster R-CNN")
+    parser.add_argument("--no-masks", action="store_true", help="skip the preset's Cascade Mask R-CNN sibling")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     parser.add_argument("--bf16-accuracy", metavar="WEIGHTS",
                         help="instead of timing: bf16 vs float32 accuracy of these weights on --images/--annotations")
@@ -90,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         bf16=not args.no_bf16,
         onnx=not args.no_onnx,
         torchvision=not args.no_torchvision,
+        masks=not args.no_masks,
     )
     result = run_benchmark(settings, log=lambda line: print(line, file=sys.stderr, flush=True))
     print(report(result))

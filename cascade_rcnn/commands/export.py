@@ -1,5 +1,7 @@
 """`cascade-rcnn export`: write the detector as an ONNX graph (resize aside), runnable by `predict --backend
-onnxruntime` and by any ONNX Runtime; inputs, outputs and dynamic axes are described in `cascade_rcnn.deploy.onnx_export`."""
+onnxruntime` and by any ONNX Runtime; inputs, outputs and dynamic axes are described in
+`cascade_rcnn.deploy.onnx_export`. A mask model's graph also returns each detection's mask probabilities
+(`mask_probs`), which the onnxruntime backend pastes into the image as the PyTorch model does."""
 
 from __future__ import annotations
 
@@ -40,5 +42,6 @@ def run(args: argparse.Namespace) -> int:
 
         size = detector.config.transform.min_size
         det = OnnxDetector(path).predict(torch.rand(3, size, size) * 255)
-        print(f"checked with ONNX Runtime: {len(det)} detections on a random image")
+        masks = "" if det.masks is None else " with their masks"
+        print(f"checked with ONNX Runtime: {len(det)} detections{masks} on a random image")
     return 0

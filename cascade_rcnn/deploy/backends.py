@@ -7,7 +7,10 @@ written by `cascade_rcnn.deploy.onnx_export` with ONNX Runtime.
 
 `OnnxDetector` resizes, normalises and pads with the project's own `Transform` (built from the config stored in the
 .onnx file), and the graph maps boxes back to original pixels, so its detections equal the PyTorch ones up to float
-rounding (tested on COCO images: boxes within 1e-2 px, same labels, scores within 1e-4).
+rounding (tested on COCO images: boxes within 1e-2 px, same labels, scores within 1e-4). For a mask model the graph
+returns each detection's mask probabilities (`mask_probs`, (D, 28, 28)) and `OnnxModel` pastes them outside the graph
+with the model's own `paste_masks` and the threshold stored in the file, as `CascadeRCNN.predict_batch` does, so
+`Detections.masks` ((D, H, W) bool, original pixels) equal the PyTorch ones up to the probabilities' float rounding.
 """
 
 from __future__ import annotations
@@ -22,19 +25,26 @@ from torch import Tensor
 
 from cascade_rcnn.api import Detector
 from cascade_rcnn.config import config_from_dict
+from cascade_rcnn.deploy.onnx_export import MASK_OUTPUT
 from cascade_rcnn.errors import CascadeRCNNError
 from cascade_rcnn.modeling.detector import build_transform, split_by_image
+from cascade_rcnn.modeling.masks import paste_masks
 from cascade_rcnn.structures import Detections
 
 BACKENDS = ("torch", "onnxruntime")
 
 
 class OnnxModel:
-    """An ONNX Runtime session with the model's input transform: `predict(images)` as `CascadeRCNN.predict`."""
+    """An ONNX Runtime session with the model's input transform: `predict(images)` as `CascadeRCNN.predict`.
 
-    def __init__(self, session: Any, transform: torch.nn.Module) -> None:
+    `mask_threshold` is None for a box model; for a mask model's graph (a fifth output, `mask_probs` (D, 2S, 2S)) it
+    is the threshold at which `paste_masks` pastes each detection's probabilities into its original image, here,
+    outside the graph."""
+
+    def __init__(self, session: Any, transform: torch.nn.Module, mask_threshold: float | None = None) -> None:
         self.session = session
         self.transform = transform
+        self.mask_threshold = mask_threshold
 
     def predict(self, images: list[Tensor], return_stages: bool = False) -> list[Detections]:
         if return_stages:
@@ -45,7 +55,12 @@ class OnnxModel:
         wanted = {i.name for i in self.session.get_inputs()}  # original_sizes: only graphs that rescale after NMS
         feeds = {name: value for name, value in feeds.items() if name in wanted}
         outputs = tuple(torch.from_numpy(x) for x in self.session.run(None, feeds))
-        return split_by_image(outputs, len(images))
+        results = split_by_image(outputs[:4], len(images))
+        if self.mask_threshold is not None:
+            counts = [len(d) for d in results]
+            for detections, probs, size in zip(results, outputs[4].split(counts), batch.original_sizes):
+                detections.masks = paste_masks(probs, detections.boxes, size, self.mask_threshold)
+        return results
 
 
 class OnnxDetector(Detector):
@@ -78,7 +93,12 @@ class OnnxDetector(Detector):
         self.config = config_from_dict(json.loads(metadata["cascade_rcnn_config"]))
         self.preset = metadata.get("cascade_rcnn_preset") or "cascade_rcnn_r50_fpn"
         self.device = torch.device("cpu")
-        self.model = OnnxModel(session, build_transform(self.config))  # type: ignore[assignment]
+        mask_threshold = None
+        if MASK_OUTPUT in [o.name for o in session.get_outputs()]:
+            if "mask_threshold" not in metadata:
+                raise CascadeRCNNError(f"{path}: a mask graph without its mask_threshold metadata")
+            mask_threshold = float(metadata["mask_threshold"])
+        self.model = OnnxModel(session, build_transform(self.config), mask_threshold)  # type: ignore[assignment]
         self.load_report = None
         self.optimize = self.bf16 = False
         self.path = path

@@ -11,10 +11,12 @@ The exported graph (opset 17, traced with the TorchScript exporter):
             scores         (D,) float32
             labels         (D,) int64            0..num_classes-1
             batch_index    (D,) int64            the image of each detection
+            mask_probs     (D, 2S, 2S) float32   mask models only (28 x 28 for every preset): each detection's mask
+                                                 probabilities over its box, its label's channel (mean of the heads)
 
 Detections come grouped by image (ascending), each image's by decreasing score, at most `detections_per_image` per
-image. Resizing, the colour order, normalisation and padding stay in Python (`cascade_rcnn.deploy.backends.OnnxDetector` runs
-the project's own `Transform`), so the graph's inputs are bit-identical to what the PyTorch model sees.
+image. Resizing, the colour order, normalisation and padding stay in Python (`cascade_rcnn.deploy.backends.OnnxDetector`
+runs the project's own `Transform`), so the graph's inputs are bit-identical to what the PyTorch model sees.
 
 The graph is `CascadeRCNN.detect` traced, the function eager inference runs: proposal selection
 (`RegionProposalNetwork.propose`), the cascade (`CascadeROIHeads.predict_rois`) and the post-processing
@@ -24,6 +26,16 @@ apart by mmcv's offset trick: every preset exports, and the seed's `class_nms="p
 `"torchvision"` NMS can differ from the eager loop only where an IoU is within ~1e-4 of the threshold. detectron2's
 `rescale="after_nms"` needs each image's original size: such graphs take a fourth input, `original_sizes` (B, 2)
 int64 (h, w) (`ImageBatch.original_sizes`), and may return fewer than `detections_per_image` per image.
+
+Masks are pasted outside the graph: `OnnxModel` (`cascade_rcnn.deploy.backends`) pastes `mask_probs` with the
+detections' `boxes` by `cascade_rcnn.modeling.masks.paste_masks`, exactly as `CascadeRCNN.predict_batch` does, so its
+`Detections.masks` equal the PyTorch ones up to the probabilities' float rounding. A user of the raw .onnx file pastes
+by the same rule, one detection at a time into the original image of `batch_index`: the 2S x 2S cells are stretched over
+the float box (cell centres at x1 + (j + 0.5) (x2 - x1) / 2S), sampled bilinearly at the pixel centres (x+0.5, y+0.5)
+with zero beyond the outer cells (`grid_sample`, `align_corners=False`, zero padding), and a pixel is in the mask when
+the value is >= the threshold stored in the file's metadata (`mask_threshold`, 0.5 for every preset); only the pixels x
+in [floor(x1) - 1, ceil(x2) + 1), y likewise, are sampled, the rest are not in the mask. (The graph returns the small
+maps, not 100 image-size masks: pasting box by box into one boolean mask per detection is the cheap way.)
 """
 
 from __future__ import annotations
@@ -41,6 +53,7 @@ from cascade_rcnn.errors import CascadeRCNNError
 OPSET = 17  # RoiAlign's half-pixel mode (aligned=True) needs opset >= 16
 INPUT_NAMES = ["images", "image_sizes", "scale_factors"]
 OUTPUT_NAMES = ["boxes", "scores", "labels", "batch_index"]
+MASK_OUTPUT = "mask_probs"  # the fifth output of a mask model's graph
 
 
 class ExportError(CascadeRCNNError):
@@ -78,7 +91,8 @@ def export_onnx(
     """Write `model` (a `CascadeRCNN`) as an ONNX graph with the contract of the module docstring.
 
     `config` and `preset` are stored in the file's metadata (`cascade_rcnn_config`, `cascade_rcnn_preset`,
-    `class_names`), so `OnnxDetector` can rebuild the input transform from the file alone. `optimize` exports the
+    `class_names`), so `OnnxDetector` can rebuild the input transform from the file alone; a mask model's graph has
+    the fifth output `mask_probs` and its pasting threshold in `mask_threshold`. `optimize` exports the
     batch-norm-folded copy (`cascade_rcnn.deploy.optimize.fold_batch_norm`), which ONNX Runtime runs faster.
     """
     from cascade_rcnn.deploy.optimize import optimize_for_inference
@@ -97,6 +111,8 @@ def export_onnx(
     if graph.rescale == "after_nms":
         original_sizes = (image_sizes / scale_factors.flip(1)).round().long()  # (h, w) / (h_scale, w_scale)
         inputs, names = (*inputs, original_sizes), [*names, "original_sizes"]
+    has_masks = getattr(model, "mask_heads", None) is not None
+    outputs = [*OUTPUT_NAMES, MASK_OUTPUT] if has_masks else list(OUTPUT_NAMES)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
@@ -111,18 +127,20 @@ def export_onnx(
             dynamo=False,
             opset_version=OPSET,
             input_names=names,
-            output_names=OUTPUT_NAMES,
+            output_names=outputs,
             dynamic_axes={
                 "images": {0: "batch", 2: "height", 3: "width"},
                 **{name: {0: "batch"} for name in names[1:]},
-                **{name: {0: "detections"} for name in OUTPUT_NAMES},
+                **{name: {0: "detections"} for name in outputs},
             },
         )
-    _write_metadata(path, config, preset)
+    _write_metadata(path, config, preset, model.mask_threshold if has_masks else None)
     return path
 
 
-def _write_metadata(path: Path, config: object | None, preset: str | None) -> None:
+def _write_metadata(path: Path, config: object | None, preset: str | None, mask_threshold: float | None) -> None:
+    """The file's metadata: the config (the backend rebuilds the input transform from it), the preset, the class
+    names and, for mask models, `mask_threshold`: the exported model's own pasting threshold."""
     import onnx
 
     proto = onnx.load(str(path))
@@ -130,6 +148,8 @@ def _write_metadata(path: Path, config: object | None, preset: str | None) -> No
     if config is not None:
         entries["cascade_rcnn_config"] = json.dumps(config_to_dict(config))
         entries["class_names"] = json.dumps(list(config.names))
+    if mask_threshold is not None:
+        entries["mask_threshold"] = repr(float(mask_threshold))
     for key, value in entries.items():
         prop = proto.metadata_props.add()
         prop.key, prop.value = key, value

@@ -1,8 +1,8 @@
 """Published Cascade R-CNN weights: a registry of where they live, and a verified, cached download.
 
-- `KNOWN_WEIGHTS` maps a short name (`mmdet-r50-1x`, `detectron2-r50-3x`, `mindspore-coco`, ...) to a `KnownWeights`
-  record: the URL, the published checksum, the file format, the preset whose model the weights fit, and the box AP the
-  publisher reports on COCO val2017.
+- `KNOWN_WEIGHTS` maps a short name (`mmdet-r50-1x`, `mmdet-mask-r50-1x`, `detectron2-r50-3x`, `mindspore-coco`, ...)
+  to a `KnownWeights` record: the URL, the published checksum, the file format, the preset whose model the weights
+  fit, and the box AP (and, for Cascade Mask R-CNN weights, the mask AP) the publisher reports on COCO val2017.
 - `fetch_weights(name_or_url)` downloads once into the cache (`$CASCADE_RCNN_CACHE`, else `~/.cache/cascade_rcnn`),
   verifies the sha256 and returns the cached path; later calls reuse the verified file without a request.
 - `resolve_weights(spec)` is what a `--weights` option wants: an existing local path as given, else a known name or
@@ -54,6 +54,8 @@ class KnownWeights:
         preset: the name of the model preset these weights fit.
         box_ap: the COCO val2017 box AP the publisher reports for these weights.
         description: one line for listings.
+        mask_ap: the COCO val2017 mask AP the publisher reports, for Cascade Mask R-CNN weights (a mask preset);
+            None for box-only weights.
     """
 
     name: str
@@ -64,6 +66,7 @@ class KnownWeights:
     preset: str
     box_ap: float
     description: str
+    mask_ap: float | None = None
 
     def __post_init__(self) -> None:
         if self.sha256 is not None and not (
@@ -78,8 +81,11 @@ _MMDET = "https://download.openmmlab.com/mmdetection/v2.0/cascade_rcnn"
 _D2 = "https://dl.fbaipublicfiles.com/detectron2/Misc"
 
 
-def _mmdet(name: str, config: str, file_name: str, preset: str, box_ap: float, schedule: str) -> KnownWeights:
+def _mmdet(
+    name: str, config: str, file_name: str, preset: str, box_ap: float, schedule: str, mask_ap: float | None = None
+) -> KnownWeights:
     sha256_prefix = file_name.rsplit("-", 1)[1].removesuffix(".pth")
+    model = "Cascade R-CNN" if mask_ap is None else "Cascade Mask R-CNN"
     return KnownWeights(
         name=name,
         url=f"{_MMDET}/{config}/{file_name}",
@@ -88,26 +94,30 @@ def _mmdet(name: str, config: str, file_name: str, preset: str, box_ap: float, s
         format="mmdet",
         preset=preset,
         box_ap=box_ap,
-        description=f"mmdetection {config} (Cascade R-CNN, {schedule} schedule, COCO)",
+        description=f"mmdetection {config} ({model}, {schedule} schedule, COCO)",
+        mask_ap=mask_ap,
     )
 
 
-def _detectron2(name: str, config: str, model_id: str, file_name: str, box_ap: float) -> KnownWeights:
+def _detectron2(name: str, config: str, model_id: str, file_name: str, box_ap: float, mask_ap: float) -> KnownWeights:
     return KnownWeights(
         name=name,
         url=f"{_D2}/{config}/{model_id}/{file_name}",
         sha256=None,
         file_name=f"detectron2_{config}_{model_id}_{file_name}",  # every zoo file is called model_final_<6 hex>.pkl
         format="detectron2",
-        preset="cascade_rcnn_r50_fpn_detectron2",
+        preset="cascade_mask_rcnn_r50_fpn_detectron2",
         box_ap=box_ap,
-        description=f"detectron2 Misc/{config} (Cascade Mask R-CNN; the box path is used, mask_head keys are ignored)",
+        # A box preset asked for (--preset cascade_rcnn_r50_fpn_detectron2) loads the box path and skips the mask head.
+        description=f"detectron2 Misc/{config} (Cascade Mask R-CNN, one mask head, COCO)",
+        mask_ap=mask_ap,
     )
 
 
 # Sources, read when this registry was written:
-# - mmdetection: configs/cascade_rcnn/metafile.yml of open-mmlab/mmdetection (v2.x layout; URLs and box AP).
-# - detectron2: MODEL_ZOO.md of facebookresearch/detectron2, table "Ablations for Deformable Conv and Cascade R-CNN".
+# - mmdetection: configs/cascade_rcnn/metafile.yml of open-mmlab/mmdetection (v2.x layout; URLs, box and mask AP).
+# - detectron2: MODEL_ZOO.md of facebookresearch/detectron2, table "Ablations for Deformable Conv and Cascade R-CNN"
+#   (box and mask AP).
 # - MindSpore: mshub_res/assets/mindspore/1.8/cascadercnn_coco2017.md of mindspore-ai/hub (URL and full sha256;
 #   "map37.3" there is the box AP), model code research/cv/CascadeRCNN of mindspore-ai/models (ResNet-101 FPN).
 _REGISTRY = (
@@ -126,8 +136,20 @@ _REGISTRY = (
     _mmdet("mmdet-x101-64x4d-1x", "cascade_rcnn_x101_64x4d_fpn_1x_coco",
            "cascade_rcnn_x101_64x4d_fpn_1x_coco_20200515_075702-43ce6a30.pth", "cascade_rcnn_x101_64x4d_fpn", 44.7,
            "1x"),
-    _detectron2("detectron2-r50-1x", "cascade_mask_rcnn_R_50_FPN_1x", "138602847", "model_final_e9d89b.pkl", 42.1),
-    _detectron2("detectron2-r50-3x", "cascade_mask_rcnn_R_50_FPN_3x", "144998488", "model_final_480dd8.pkl", 44.3),
+    _mmdet("mmdet-mask-r50-1x", "cascade_mask_rcnn_r50_fpn_1x_coco",
+           "cascade_mask_rcnn_r50_fpn_1x_coco_20200203-9d4dcb24.pth", "cascade_mask_rcnn_r50_fpn", 41.2, "1x", 35.9),
+    _mmdet("mmdet-mask-r101-1x", "cascade_mask_rcnn_r101_fpn_1x_coco",
+           "cascade_mask_rcnn_r101_fpn_1x_coco_20200203-befdf6ee.pth", "cascade_mask_rcnn_r101_fpn", 42.9, "1x", 37.3),
+    _mmdet("mmdet-mask-x101-32x4d-1x", "cascade_mask_rcnn_x101_32x4d_fpn_1x_coco",
+           "cascade_mask_rcnn_x101_32x4d_fpn_1x_coco_20200201-0f411b1f.pth", "cascade_mask_rcnn_x101_32x4d_fpn", 44.3,
+           "1x", 38.3),
+    _mmdet("mmdet-mask-x101-64x4d-1x", "cascade_mask_rcnn_x101_64x4d_fpn_1x_coco",
+           "cascade_mask_rcnn_x101_64x4d_fpn_1x_coco_20200203-9a2db89d.pth", "cascade_mask_rcnn_x101_64x4d_fpn", 45.3,
+           "1x", 39.2),
+    _detectron2("detectron2-r50-1x", "cascade_mask_rcnn_R_50_FPN_1x", "138602847", "model_final_e9d89b.pkl", 42.1,
+                36.4),
+    _detectron2("detectron2-r50-3x", "cascade_mask_rcnn_R_50_FPN_3x", "144998488", "model_final_480dd8.pkl", 44.3,
+                38.5),
     KnownWeights(
         name="mindspore-coco",
         url="https://download.mindspore.cn/models/r1.8/"
