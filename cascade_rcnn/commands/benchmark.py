@@ -13,6 +13,10 @@ detections and the paste into the image: `mask_extra_ms_per_image`, the paste al
 `--bf16-accuracy WEIGHTS --images DIR --annotations JSON` instead compares bf16 with float32 on a trained model
 (`cascade_rcnn.benchmarks.bf16_accuracy`): COCO AP of each, and how closely bf16 reproduces float32's detections.
 
+`--processes` instead times predict sharded over processes as torchrun runs it (`cascade_rcnn.benchmarks.processes`):
+images per second of `--configurations` (PROCESSESxTHREADS; one process with two threads, two with one, one with one
+by default) over `--num-images` images, the best of `--rounds`.
+
 `--train` instead times a training step (`cascade_rcnn.benchmarks.training`): batch 2 of coco128 training images with
 their boxes, at each `--train-sizes`, beside torchvision's Faster R-CNN step, with the bf16 autocast speed-up and the
 peak memory of one step of each.
@@ -26,6 +30,7 @@ import os
 import sys
 from pathlib import Path
 
+from cascade_rcnn.benchmarks.processes import add_arguments as add_process_arguments
 from cascade_rcnn.errors import ConfigError
 
 HELP = "Time the inference paths (fp32, bf16, ONNX Runtime) against torchvision's Faster R-CNN on CPU."
@@ -55,6 +60,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--train-sizes", default="800x1333,512x853", help="comma-separated sizes (800x1333,512x853)")
     train.add_argument("--train-steps", type=int, default=3, help="timed steps per path and size (3)")
     train.add_argument("--train-profile", action="store_true", help="also profile one step of each (torch.profiler)")
+    processes = parser.add_argument_group("sharded predict (--processes)")
+    processes.add_argument("--processes", action="store_true",
+                           help="instead: images/s of predict sharded over processes (as torchrun runs it) against "
+                                "one threaded process (cascade_rcnn.benchmarks.processes)")  # fmt: skip
+    add_process_arguments(processes)
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -68,6 +78,10 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.processes:
+        from cascade_rcnn.benchmarks.processes import run_from_args
+
+        return run_from_args(args)
     if args.bf16_accuracy:
         return run_bf16_accuracy(args)
     if args.train:
