@@ -28,7 +28,7 @@ from cascade_rcnn.config import config_from_dict
 from cascade_rcnn.deploy.onnx_export import MASK_OUTPUT
 from cascade_rcnn.errors import CascadeRCNNError
 from cascade_rcnn.modeling.detector import build_transform, split_by_image
-from cascade_rcnn.modeling.masks import paste_masks
+from cascade_rcnn.modeling.masks import paste_per_image
 from cascade_rcnn.structures import Detections
 
 BACKENDS = ("torch", "onnxruntime")
@@ -57,9 +57,7 @@ class OnnxModel:
         outputs = tuple(torch.from_numpy(x) for x in self.session.run(None, feeds))
         results = split_by_image(outputs[:4], len(images))
         if self.mask_threshold is not None:
-            counts = [len(d) for d in results]
-            for detections, probs, size in zip(results, outputs[4].split(counts), batch.original_sizes):
-                detections.masks = paste_masks(probs, detections.boxes, size, self.mask_threshold)
+            paste_per_image(results, outputs[4], batch.original_sizes, self.mask_threshold)
         return results
 
 

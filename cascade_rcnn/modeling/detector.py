@@ -23,7 +23,7 @@ from cascade_rcnn.modeling.cascade_heads import (
     rois_to_proposals,
 )
 from cascade_rcnn.modeling.fpn import FPN
-from cascade_rcnn.modeling.masks import CascadeMaskHeads, MaskHead, paste_masks
+from cascade_rcnn.modeling.masks import CascadeMaskHeads, MaskHead, paste_per_image
 from cascade_rcnn.modeling.matcher import Matcher
 from cascade_rcnn.modeling.postprocess import PostProcessor
 from cascade_rcnn.modeling.roi_align import MultiScaleRoIAlign
@@ -102,9 +102,7 @@ class CascadeRCNN(nn.Module):
         outputs = self.detect(*inputs, return_stages=return_stages)
         results = split_by_image(outputs[:4], len(batch.image_sizes))
         if self.mask_heads is not None:
-            counts = [len(d) for d in results]
-            for detections, probs, size in zip(results, outputs[4].split(counts), batch.original_sizes):
-                detections.masks = paste_masks(probs, detections.boxes, size, self.mask_threshold)
+            paste_per_image(results, outputs[4], batch.original_sizes, self.mask_threshold)
         if return_stages:
             per_stage = [split_by_image(stage, len(batch.image_sizes)) for stage in outputs[-1]]
             for i, detections in enumerate(results):

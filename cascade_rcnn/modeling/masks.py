@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torchvision.ops import roi_align
 
 from cascade_rcnn.modeling.roi_align import MultiScaleRoIAlign
+from cascade_rcnn.structures import Detections
 
 
 class MaskHead(nn.Module):
@@ -150,3 +151,12 @@ def _grid_axis(pixels: Tensor, start: Tensor, end: Tensor) -> Tensor:
     grid = ((pixels.to(torch.float32) + 0.5) - start) / (end - start) * 2 - 1
     return torch.where(torch.isinf(grid), torch.zeros_like(grid), grid)
 
+
+def paste_per_image(
+    detections: list[Detections], probs: Tensor, original_sizes: list[tuple[int, int]], threshold: float = 0.5
+) -> None:
+    """Set each image's `masks`: the batch's mask probabilities (D, S, S), grouped by image in the order of
+    `detections`, pasted over that image's boxes into its original (h, w) (`paste_masks`)."""
+    parts = probs.split([len(d) for d in detections])
+    for image_detections, image_probs, size in zip(detections, parts, original_sizes):
+        image_detections.masks = paste_masks(image_probs, image_detections.boxes, size, threshold)
