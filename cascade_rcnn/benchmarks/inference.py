@@ -233,7 +233,12 @@ def run_benchmark(settings: BenchmarkSettings, log: Callable[[str], None] = prin
 
     from cascade_rcnn.api import Detector, to_tensor_image
 
+    from cascade_rcnn.deploy.extras import cpu_isa, require
+
     s = settings
+    if s.onnx:  # before any work: one line naming the extra (or the flag that skips the path)
+        require("onnx", extra="onnx", what="the ONNX Runtime path (--no-onnx skips it)")
+        require("onnxruntime", extra="onnx", what="the ONNX Runtime path (--no-onnx skips it)")
     torch.set_num_threads(s.threads)
     overrides = {
         "transform.min_size": s.min_size,
@@ -406,6 +411,7 @@ def run_benchmark(settings: BenchmarkSettings, log: Callable[[str], None] = prin
             "torch": torch.__version__,
         },
         "per_image_seconds": times,
+        "cpu_isa": cpu_isa(),
     }
     # Per image, the mask model's time minus the box model's on the same image, timed side by side.
     mask_extra = [m - b for m, b in zip(times.get("torch_fp32_masks", []), times["torch_fp32"])]

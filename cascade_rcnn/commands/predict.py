@@ -71,8 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", metavar="NAME", help="model preset (default: from the weights file's metadata)")
     add_bf16_argument(parser)
     parser.add_argument(
-        "--backend", choices=["torch", "onnxruntime"], default="torch",
-        help="torch, or onnxruntime: run an exported .onnx file (or export --weights on the fly) with ONNX Runtime",
+        "--backend", choices=["torch", "onnxruntime", "openvino"], default="torch",
+        help="torch; onnxruntime: run an exported .onnx file (or export --weights on the fly) with ONNX Runtime; "
+        "openvino: run an exported or quantized OpenVINO .xml file (or export --weights on the fly)",
     )  # fmt: skip
     parser.add_argument("--save-masks", action="store_true", help=MASKS_HELP)
     resume.add_arguments(parser)

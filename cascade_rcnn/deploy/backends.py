@@ -25,13 +25,14 @@ from torch import Tensor
 
 from cascade_rcnn.api import Detector
 from cascade_rcnn.config import config_from_dict
+from cascade_rcnn.deploy.extras import require
 from cascade_rcnn.deploy.onnx_export import MASK_OUTPUT
 from cascade_rcnn.errors import CascadeRCNNError
 from cascade_rcnn.modeling.detector import build_transform, split_by_image
 from cascade_rcnn.modeling.masks import paste_per_image
 from cascade_rcnn.structures import Detections
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "openvino")
 
 
 class OnnxModel:
@@ -70,10 +71,7 @@ class OnnxDetector(Detector):
     """
 
     def __init__(self, path: str | Path, *, threads: int | None = None) -> None:
-        try:
-            import onnxruntime
-        except ImportError:
-            raise CascadeRCNNError("the onnxruntime backend needs onnxruntime: install cascade-rcnn[onnx]") from None
+        onnxruntime = require("onnxruntime", extra="onnx", what="the onnxruntime backend")
         path = Path(path)
         if not path.is_file():
             raise CascadeRCNNError(f"{path}: no such ONNX file")
@@ -112,27 +110,35 @@ class OnnxDetector(Detector):
 def load_backend(
     weights: str | Path, backend: str = "torch", *, device: str | None = None, preset: str | None = None
 ) -> Detector:
-    """A detector for `weights` on `backend` ("torch" or "onnxruntime"), with `.predict(...)` and `.class_names`.
+    """A detector for `weights` on `backend` ("torch", "onnxruntime" or "openvino"), with `.predict(...)` and
+    `.class_names`.
 
-    For "onnxruntime", `weights` is an exported .onnx file, or any weights file the project reads, which is exported
-    to a temporary .onnx first (this takes a while; export once with `cascade-rcnn export` to avoid it).
+    For "onnxruntime", `weights` is an exported .onnx file; for "openvino", an exported or quantized .xml file
+    (`cascade_rcnn.deploy.openvino`); either may also be any weights file the project reads, which is exported to a
+    temporary file first (this takes a while; export once with `cascade-rcnn export` to avoid it).
     """
     if backend == "torch":
         return Detector.from_weights(weights, device=device or "cpu", preset=preset)
-    if backend != "onnxruntime":
+    if backend not in BACKENDS:
         raise CascadeRCNNError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
     if device not in (None, "cpu"):
-        raise CascadeRCNNError(f"the onnxruntime backend runs on the CPU, not {device}")
-    if Path(weights).suffix.lower() == ".onnx":
+        raise CascadeRCNNError(f"the {backend} backend runs on the CPU, not {device}")
+    suffix = ".onnx" if backend == "onnxruntime" else ".xml"
+    if backend == "openvino":
+        from cascade_rcnn.deploy.openvino import OpenVinoDetector, export_openvino
+
+        load, export = OpenVinoDetector, export_openvino
+    else:
+        from cascade_rcnn.deploy.onnx_export import export_onnx
+
+        load, export = OnnxDetector, export_onnx  # type: ignore[assignment]
+    if Path(weights).suffix.lower() == suffix:
         if preset is not None:
-            raise CascadeRCNNError("--preset does not apply to an .onnx file: its config was fixed at export")
-        return OnnxDetector(weights)
-    from cascade_rcnn.deploy.onnx_export import export_onnx
-
+            raise CascadeRCNNError(f"--preset does not apply to a {suffix} file: its config was fixed at export")
+        return load(weights)
     detector = Detector.from_weights(weights, preset=preset, optimize=False)
-    with tempfile.TemporaryDirectory(prefix="cascade_rcnn_onnx_") as tmp:
-        path = export_onnx(detector.model, Path(tmp) / "model.onnx", config=detector.config, preset=detector.preset)
+    with tempfile.TemporaryDirectory(prefix=f"cascade_rcnn_{backend}_") as tmp:
+        path = export(detector.model, Path(tmp) / f"model{suffix}", config=detector.config, preset=detector.preset)
         del detector
-        onnx_detector = OnnxDetector(path)  # ONNX Runtime has read the file; the folder can go
-    return onnx_detector
-
+        loaded = load(path)  # the runtime has read the file; the folder can go
+    return loaded

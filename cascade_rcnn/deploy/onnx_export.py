@@ -95,8 +95,10 @@ def export_onnx(
     the fifth output `mask_probs` and its pasting threshold in `mask_threshold`. `optimize` exports the
     batch-norm-folded copy (`cascade_rcnn.deploy.optimize.fold_batch_norm`), which ONNX Runtime runs faster.
     """
+    from cascade_rcnn.deploy.extras import require
     from cascade_rcnn.deploy.optimize import optimize_for_inference
 
+    require("onnx", extra="onnx", what="ONNX export")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # (The copy's channels-last conversion is a no-op in an ONNX graph, which has no memory formats.)

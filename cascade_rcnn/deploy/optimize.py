@@ -155,6 +155,9 @@ def optimize_for_inference(model: nn.Module, bf16: bool = False) -> nn.Module:
         # The stem's input goes channels-last; every later map stays so (oneDNN keeps the input's layout).
         fast.backbone.conv1 = ChannelsLast(fast.backbone.conv1)
         return fast.eval()
+    from cascade_rcnn.deploy.extras import warn_if_bf16_emulated
+
+    warn_if_bf16_emulated()
     with torch.no_grad():
         fast.backbone = fold_batch_norm(copy.deepcopy(model.backbone)).to(torch.bfloat16)
         fast.backbone.conv1 = ChannelsLast(fast.backbone.conv1)

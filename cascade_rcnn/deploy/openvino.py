@@ -1,0 +1,137 @@
+"""OpenVINO backend: the project's ONNX graph (`cascade_rcnn.deploy.onnx_export`) converted to OpenVINO IR and run by
+OpenVINO's CPU plugin, float32 or int8 (`cascade_rcnn.deploy.quantize`).
+
+    export_openvino(detector.model, "model.xml", config=detector.config, preset=detector.preset)  # + model.bin
+    det = OpenVinoDetector("model.xml")
+    dets = det.predict(["a.jpg", "b.jpg"])                       # list of Detections, original-image pixels
+
+The IR is the ONNX graph as `openvino.convert_model` reads it: the same inputs and outputs, the same metadata (kept in
+the IR's rt_info under `cascade_rcnn`). `OpenVinoDetector` runs it through the ONNX backend's own `OnnxModel` (the
+project's `Transform` outside the graph, `split_by_image`, and `paste_per_image` for mask models), so nothing of the
+detection flow is written again here. Float32 is asked for explicitly (`INFERENCE_PRECISION_HINT`): OpenVINO would
+otherwise run float32 IR in bf16 on CPUs with AMX.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cascade_rcnn.api import Detector
+from cascade_rcnn.config import config_from_dict
+from cascade_rcnn.deploy.backends import OnnxModel
+from cascade_rcnn.deploy.extras import require
+from cascade_rcnn.deploy.onnx_export import MASK_OUTPUT, export_onnx
+from cascade_rcnn.errors import CascadeRCNNError
+from cascade_rcnn.modeling.detector import build_transform
+
+RT_INFO_KEY = "cascade_rcnn"  # the IR's rt_info section holding the ONNX file's metadata
+
+
+def _openvino(what: str) -> Any:
+    return require("openvino", extra="openvino", what=what)
+
+
+def onnx_metadata(path: Path) -> dict[str, str]:
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+def save_ir(ov_model: Any, path: Path, metadata: dict[str, str]) -> Path:
+    """Write `ov_model` as float32 IR (`path` .xml and its .bin) with `metadata` in its rt_info."""
+    ov = _openvino("OpenVINO export")
+    for key, value in metadata.items():
+        ov_model.set_rt_info(value, [RT_INFO_KEY, key])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(ov_model, str(path), compress_to_fp16=False)  # fp16 weights would change the detections
+    return path
+
+
+def export_openvino(
+    model: nn.Module, path: str | Path, *, config: object | None = None, preset: str | None = None
+) -> Path:
+    """Write `model` (a `CascadeRCNN`) as OpenVINO IR at `path` (.xml, with its .bin beside it), float32: the ONNX
+    export (batch norm folded) converted by `openvino.convert_model`."""
+    ov = _openvino("OpenVINO export")
+    path = Path(path)
+    if path.suffix.lower() != ".xml":
+        raise CascadeRCNNError(f"an OpenVINO model is a .xml file (with its .bin), got {path}")
+    with tempfile.TemporaryDirectory(prefix="cascade_rcnn_ov_") as tmp:
+        onnx_path = export_onnx(model, Path(tmp) / "model.onnx", config=config, preset=preset)
+        ov_model = ov.convert_model(str(onnx_path))
+        return save_ir(ov_model, path, onnx_metadata(onnx_path))
+
+
+class OpenVinoSession:
+    """A compiled OpenVINO model behind the two calls `OnnxModel` makes of an ONNX Runtime session."""
+
+    def __init__(self, compiled: Any) -> None:
+        self.compiled = compiled
+        self.request = compiled.create_infer_request()
+
+    def get_inputs(self) -> list[Any]:
+        return [type("Input", (), {"name": port.get_any_name()})() for port in self.compiled.inputs]
+
+    def run(self, output_names: None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        results = self.request.infer(feeds)
+        # Copies: the request reuses its output buffers at the next call.
+        return [np.array(results[port]) for port in self.compiled.outputs]
+
+
+class OpenVinoDetector(Detector):
+    """A `Detector` whose model is OpenVINO IR written by `export_openvino` or `quantize_openvino`, run on the CPU.
+
+    Same `predict` and `class_names` as `Detector`; `threads` sets OpenVINO's inference threads (default: PyTorch's
+    intra-op thread count). Detector.__init__ is not called: there is no PyTorch model."""
+
+    def __init__(self, path: str | Path, *, threads: int | None = None) -> None:
+        ov = _openvino("the openvino backend")
+        path = Path(path)
+        if not path.is_file():
+            raise CascadeRCNNError(f"{path}: no such OpenVINO model (.xml)")
+        core = ov.Core()
+        try:
+            ov_model = core.read_model(str(path))
+        except Exception as error:  # noqa: BLE001 (OpenVINO raises RuntimeError and its own types)
+            raise CascadeRCNNError(f"{path}: not a readable OpenVINO model ({error})") from None
+        if not ov_model.has_rt_info([RT_INFO_KEY, "cascade_rcnn_config"]):
+            raise CascadeRCNNError(f"{path}: not exported by `cascade-rcnn export` (no cascade_rcnn_config)")
+
+        def meta(key: str) -> str | None:
+            if not ov_model.has_rt_info([RT_INFO_KEY, key]):
+                return None
+            return ov_model.get_rt_info([RT_INFO_KEY, key]).astype(str)
+
+        self.config = config_from_dict(json.loads(meta("cascade_rcnn_config")))
+        self.preset = meta("cascade_rcnn_preset") or "cascade_rcnn_r50_fpn"
+        self.quantization = meta("quantization") or "fp32"
+        self.device = torch.device("cpu")
+        mask_threshold = None
+        if MASK_OUTPUT in [name for port in ov_model.outputs for name in port.get_names()]:
+            if meta("mask_threshold") is None:
+                raise CascadeRCNNError(f"{path}: a mask model without its mask_threshold metadata")
+            mask_threshold = float(meta("mask_threshold"))
+        compiled = core.compile_model(ov_model, "CPU", {
+            "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
+            "INFERENCE_PRECISION_HINT": "f32",  # int8 IR still runs its quantized layers in int8
+            "PERFORMANCE_HINT": "LATENCY",
+        })  # fmt: skip
+        session = OpenVinoSession(compiled)
+        self.model = OnnxModel(session, build_transform(self.config), mask_threshold)  # type: ignore[assignment]
+        self.load_report = None
+        self.optimize = self.bf16 = False
+        self.path = path
+
+    @property
+    def inference_model(self) -> OnnxModel:  # type: ignore[override]
+        return self.model
+
+    def save(self, path: str | Path) -> Path:
+        raise CascadeRCNNError("an OpenVINO detector has no PyTorch weights to save; keep the .xml and .bin files")
