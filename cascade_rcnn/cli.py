@@ -22,6 +22,7 @@ COMMANDS = {
     "data": "data",
     "convert": "convert",
     "export": "export",
+    "quantize": "quantize",
     "benchmark": "benchmark",
     "serve": "serve",
 }

@@ -98,3 +98,11 @@ def test_bf16_warns_once_where_emulated(monkeypatch: pytest.MonkeyPatch, flags: 
     assert len(emulated) == (0 if "avx512_bf16" in flags else 1)
     if emulated:
         assert "\n" not in str(emulated[0].message)
+def test_quantize_without_its_packages(monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path) -> None:
+    hide(monkeypatch, "nncf")
+    (tmp_path / "calib").mkdir()
+    argv = ["quantize", "--weights", "w.safetensors", "--calib-images", str(tmp_path / "calib"),
+            "--output", str(tmp_path / "int8.xml")]  # fmt: skip
+    assert "pip install 'cascade-rcnn[int8]'" in one_line_error(capsys, argv)
+
+

@@ -68,7 +68,10 @@ def matmul_gflops(threads: int, size: int = 2048, seconds: float = 1.0) -> float
 # The benchmark
 
 CALIBRATION_IMAGE = "000000001000.jpg"  # the mmdet reference's calibration image: outside its (and our) timed set
-PATHS = ("torch_fp32", "torch_fp32_masks", "torch_bf16", "onnxruntime", "torchvision_faster_rcnn")
+PATHS = (
+    "torch_fp32", "torch_fp32_masks", "torch_bf16", "onnxruntime", "openvino_fp32", "openvino_int8",
+    "torchvision_faster_rcnn",
+)  # fmt: skip
 
 
 @dataclass
@@ -84,6 +87,9 @@ class BenchmarkSettings:
     batch: int = 4
     bf16: bool = True
     onnx: bool = True
+    openvino: bool = True  # OpenVINO fp32 (`cascade_rcnn.deploy.openvino`)
+    int8: bool = True  # OpenVINO int8, calibrated on `int8_calibration_images` (`cascade_rcnn.deploy.quantize`)
+    int8_calibration_images: list[Path] | None = None  # default: the calibration image alone
     torchvision: bool = True
     masks: bool = True  # time the preset's mask sibling too (`mask_preset_of`)
     seed: int = 0
@@ -183,6 +189,10 @@ def peak_rss_child(kind: str, weights: str, image: str, threads: int) -> tuple[f
     img = to_tensor_image(image)
     if kind == "torch_fp32":
         Detector.from_weights(weights).predict(img)
+    elif kind == "openvino":  # fp32 or int8 IR: the weights OpenVINO holds compiled, read from the .bin
+        from cascade_rcnn.deploy.openvino import OpenVinoDetector
+
+        OpenVinoDetector(weights, threads=threads).predict(img)
     else:
         model = load_torchvision_reference(Path(weights))
         with torch.inference_mode():
@@ -232,13 +242,17 @@ def run_benchmark(settings: BenchmarkSettings, log: Callable[[str], None] = prin
     import tempfile
 
     from cascade_rcnn.api import Detector, to_tensor_image
-
     from cascade_rcnn.deploy.extras import cpu_isa, require
 
     s = settings
     if s.onnx:  # before any work: one line naming the extra (or the flag that skips the path)
         require("onnx", extra="onnx", what="the ONNX Runtime path (--no-onnx skips it)")
         require("onnxruntime", extra="onnx", what="the ONNX Runtime path (--no-onnx skips it)")
+    if s.openvino or s.int8:
+        require("onnx", extra="openvino", what="the OpenVINO paths (--no-openvino skips them)")
+        require("openvino", extra="openvino", what="the OpenVINO paths (--no-openvino skips them)")
+    if s.int8:
+        require("nncf", extra="int8", what="the int8 path (--no-int8 skips it)")
     torch.set_num_threads(s.threads)
     overrides = {
         "transform.min_size": s.min_size,
@@ -278,6 +292,23 @@ def run_benchmark(settings: BenchmarkSettings, log: Callable[[str], None] = prin
         log("exporting to ONNX ...")
         onnx_path = export_onnx(fp32.model, work / "model.onnx", config=fp32.config, preset=s.preset)
         runners["onnxruntime"] = OnnxDetector(onnx_path, threads=s.threads).predict
+    ir_paths = {}
+    if s.openvino:
+        from cascade_rcnn.deploy.openvino import OpenVinoDetector, export_openvino
+
+        log("exporting to OpenVINO ...")
+        ir_paths["openvino_fp32"] = export_openvino(fp32.model, work / "fp32.xml", config=fp32.config, preset=s.preset)
+    if s.int8:
+        from cascade_rcnn.deploy.openvino import OpenVinoDetector
+        from cascade_rcnn.deploy.quantize import quantize_openvino
+
+        log("quantizing to int8 (OpenVINO + NNCF) ...")
+        calibration_images = s.int8_calibration_images or [s.calibration_image]
+        ir_paths["openvino_int8"] = quantize_openvino(
+            fp32.model, calibration_images, work / "int8.xml", config=fp32.config, preset=s.preset
+        )
+    for name, ir_path in ir_paths.items():
+        runners[name] = OpenVinoDetector(ir_path, threads=s.threads).predict
     tv = None
     if s.torchvision:
         tv_settings = (s.min_size, s.max_size, s.proposals, s.detections)
@@ -371,6 +402,8 @@ def run_benchmark(settings: BenchmarkSettings, log: Callable[[str], None] = prin
     if tv is not None:
         tv_weights = save_torchvision_reference(tv, tv_settings, work / "torchvision.safetensors")
         measured["torchvision_faster_rcnn"] = _measure_peak_rss("torchvision", tv_weights, s.images[0], s.threads)
+    for name, ir_path in ir_paths.items():
+        measured[name] = _measure_peak_rss("openvino", ir_path, s.images[0], s.threads)
     tmp.cleanup()
     rss = {name: peak for name, (peak, _) in measured.items()}
 
@@ -380,12 +413,21 @@ def run_benchmark(settings: BenchmarkSettings, log: Callable[[str], None] = prin
     def ratio(a: str, b: str) -> float | None:
         return mean[a] / mean[b] if a in mean and b in mean else None
 
+    def median_ratio(a: str, b: str) -> float | None:
+        return statistics.median(times[a]) / statistics.median(times[b]) if a in times and b in times else None
+
     result = {
         "seconds_per_image": {name: mean.get(name) for name in PATHS},
         "median_seconds_per_image": {name: statistics.median(t) for name, t in times.items()},
         "ratio_vs_torchvision_fp32": ratio("torch_fp32", "torchvision_faster_rcnn"),
         "onnxruntime_speedup": ratio("torch_fp32", "onnxruntime"),
         "bf16_speedup": ratio("torch_fp32", "torch_bf16"),
+        "openvino_fp32_speedup": ratio("torch_fp32", "openvino_fp32"),
+        "int8_speedup": ratio("torch_fp32", "openvino_int8"),
+        # The speed-ups of the medians too: on a shared CPU, one slow image moves a mean more than a median.
+        "int8_speedup_median": median_ratio("torch_fp32", "openvino_int8"),
+        "openvino_fp32_speedup_median": median_ratio("torch_fp32", "openvino_fp32"),
+        "int8_peak_rss_mb": rss.get("openvino_int8"),
         f"batch{s.batch}_speedup": single / batched,  # one by one / batched time of the same `batch` images
         "batch_size": s.batch,
         "gflops_per_image": statistics.fmean(flops) / 1e9,
@@ -458,6 +500,8 @@ def report(result: dict) -> str:
         "torch_fp32_masks": "ours + masks, PyTorch fp32",
         "torch_bf16": "ours, PyTorch bf16 autocast",
         "onnxruntime": "ours, ONNX Runtime",
+        "openvino_fp32": "ours, OpenVINO fp32",
+        "openvino_int8": "ours, OpenVINO int8 (NNCF)",
         "torchvision_faster_rcnn": "torchvision Faster R-CNN R50-FPN",
     }
     lines = [
@@ -490,6 +534,12 @@ def report(result: dict) -> str:
         f"ours fp32 / torchvision fp32 time:    {fmt(result['ratio_vs_torchvision_fp32'])}   (target <= 0.95)",
         f"ONNX Runtime speed-up over fp32:      {fmt(result['onnxruntime_speedup'])}x  (target >= 1.3)",
         f"bf16 speed-up over fp32:              {fmt(result['bf16_speedup'])}x  (target >= 1.6)",
+        f"OpenVINO fp32 speed-up over fp32:     {fmt(result['openvino_fp32_speedup'])}x  (target >= 1.2)",
+        (
+            f"int8 speed-up over fp32:              {fmt(result['int8_speedup'])}x  (target >= 3 with VNNI or AMX, "
+            f">= 1.5 on AVX2; CPU: {', '.join(result['cpu_isa']) or 'no avx2'})"
+        ),
+        f"int8 peak resident memory:            {fmt(result['int8_peak_rss_mb'], '.0f')} MB  (target <= 1000)",
         f"batch of {batch} vs one by one:      {fmt(result[f'batch{batch}_speedup'])}x  (target >= 1.2)",
         (
             f"FLOPs per image (ours):               {result['gflops_per_image']:.1f} GFLOP "

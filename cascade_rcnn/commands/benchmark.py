@@ -1,7 +1,9 @@
 """`cascade-rcnn benchmark`: CPU speed of the detector's inference paths against torchvision's Faster R-CNN.
 
 Times, on the same images interleaved image by image and with the same thread count: our PyTorch fp32 path, its
-bf16 autocast path, the ONNX Runtime path, and torchvision's Faster R-CNN R50-FPN as its pretrained builder builds
+bf16 autocast path, the ONNX Runtime path, OpenVINO fp32 and int8 (NNCF-calibrated on `--int8-calib-images` untimed
+images of the folder; `int8_speedup`, `openvino_fp32_speedup`, `int8_peak_rss_mb`, `cpu_isa` in the JSON), and
+torchvision's Faster R-CNN R50-FPN as its pretrained builder builds
 it; every model gets calibrated random weights (so that all do the same post-processing work: score threshold 0, 100
 detections, 1000 proposals). Prints seconds per image and their ratios, FLOPs and parameters, the achieved GFLOP/s
 against this CPU's matmul rate measured in the same run, the batch-of-4 throughput gain and the peak resident memory
@@ -33,7 +35,7 @@ from pathlib import Path
 from cascade_rcnn.benchmarks.processes import add_arguments as add_process_arguments
 from cascade_rcnn.errors import ConfigError
 
-HELP = "Time the inference paths (fp32, bf16, ONNX Runtime) against torchvision's Faster R-CNN on CPU."
+HELP = "Time the inference paths (fp32, bf16, ONNX Runtime, OpenVINO fp32 and int8) against torchvision's Faster R-CNN."
 
 DEFAULT_IMAGES = Path(os.environ.get("CASCADE_RCNN_COCO128", "../shared/data/coco128")) / "val2017"
 
@@ -47,6 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=4, help="batch size of the batched-throughput measurement (4)")
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 path (slow on CPUs without bf16)")
     parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime path")
+    parser.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO paths (fp32 and int8)")
+    parser.add_argument("--no-int8", action="store_true", help="skip the OpenVINO int8 path")
+    parser.add_argument("--int8-calib-images", type=int, default=8,
+                        help="calibrate int8 on this many of the folder's untimed images (8)")
     parser.add_argument("--no-torchvision", action="store_true", help="skip torchvision's Faster R-CNN")
     parser.add_argument("--no-masks", action="store_true", help="skip the preset's Cascade Mask R-CNN sibling")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
@@ -107,6 +113,9 @@ def run(args: argparse.Namespace) -> int:
         batch=args.batch,
         bf16=not args.no_bf16,
         onnx=not args.no_onnx,
+        openvino=not args.no_openvino,
+        int8=not (args.no_openvino or args.no_int8),
+        int8_calibration_images=[p for p in files if p not in timed][: args.int8_calib_images],
         torchvision=not args.no_torchvision,
         masks=not args.no_masks,
     )

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -50,16 +51,21 @@ class OnnxModel:
     def predict(self, images: list[Tensor], return_stages: bool = False) -> list[Detections]:
         if return_stages:
             raise CascadeRCNNError("per-stage detections need the PyTorch backend (the graph returns the final ones)")
-        batch, _ = self.transform([img.cpu() for img in images])
-        names = ("images", "image_sizes", "scale_factors", "original_sizes")
-        feeds = {name: t.contiguous().numpy() for name, t in zip(names, batch.as_tensors())}
-        wanted = {i.name for i in self.session.get_inputs()}  # original_sizes: only graphs that rescale after NMS
-        feeds = {name: value for name, value in feeds.items() if name in wanted}
+        batch, feeds = self.feeds(images)
         outputs = tuple(torch.from_numpy(x) for x in self.session.run(None, feeds))
         results = split_by_image(outputs[:4], len(images))
         if self.mask_threshold is not None:
             paste_per_image(results, outputs[4], batch.original_sizes, self.mask_threshold)
         return results
+
+
+    def feeds(self, images: list[Tensor]) -> tuple[Any, dict[str, np.ndarray]]:
+        """The transformed batch (`ImageBatch`) and the graph's inputs made from it, by name."""
+        batch, _ = self.transform([img.cpu() for img in images])
+        names = ("images", "image_sizes", "scale_factors", "original_sizes")
+        feeds = {name: t.contiguous().numpy() for name, t in zip(names, batch.as_tensors())}
+        wanted = {i.name for i in self.session.get_inputs()}  # original_sizes: only graphs that rescale after NMS
+        return batch, {name: value for name, value in feeds.items() if name in wanted}
 
 
 class OnnxDetector(Detector):
