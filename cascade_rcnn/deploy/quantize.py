@@ -18,6 +18,7 @@ step.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -74,6 +75,7 @@ def quantize_openvino(
     inputs = OnnxModel(OpenVinoSession(core.compile_model(ov_model, "CPU")), model.transform)
     feeds = [inputs.feeds([to_tensor_image(p)])[1] for p in calibration_images]
     log(f"calibrating on {len(feeds)} images ...")
+    logging.getLogger("nncf").setLevel(logging.WARNING)  # not a line per node it leaves in float32
     quantized = nncf.quantize(
         ov_model,
         nncf.Dataset(feeds),
