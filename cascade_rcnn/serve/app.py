@@ -172,7 +172,6 @@ def create_app(detector: Any, info: ModelInfo, settings: ServeSettings = ServeSe
         max_queue_images=settings.max_queue_images,
     )
     class_index = {name.lower(): label for label, name in enumerate(info.classes)}
-    transform = getattr(getattr(detector, "model", None), "transform", None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -236,7 +235,7 @@ def create_app(detector: Any, info: ModelInfo, settings: ServeSettings = ServeSe
             uploads = await asyncio.wait_for(_read_uploads(request, settings), settings.timeout_s)
         except asyncio.TimeoutError:
             raise HTTPException(408, f"the upload did not arrive within {settings.timeout_s:g} s") from None
-        images = await run_in_threadpool(_decode_all, uploads, settings.max_megapixels, transform)
+        images = await run_in_threadpool(_decode_all, uploads, settings.max_megapixels)
         try:
             future = batcher.submit(images)
         except QueueFullError as error:
@@ -322,7 +321,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _decode_all(uploads: list[tuple[str, bytes]], max_megapixels: float, transform: Any) -> list[np.ndarray]:
+def _decode_all(uploads: list[tuple[str, bytes]], max_megapixels: float) -> list[np.ndarray]:
     """Decode each upload with the project's image reader (size limit on the header, EXIF, every mode to RGB)."""
     images = []
     for name, data in uploads:
@@ -330,10 +329,6 @@ def _decode_all(uploads: list[tuple[str, bytes]], max_megapixels: float, transfo
             image = decode_image(data, name, max_pixels=int(max_megapixels * 1e6))
         except ImageReadError as error:
             raise HTTPException(422, _one_line(str(error))) from None
-        height, width = image.shape[:2]
-        # An image so thin that the model's resize leaves a side of 0 pixels cannot be detected on.
-        if transform is not None and min(transform.resized_size(height, width)) < 1:
-            raise HTTPException(422, f"{name}: {width}x{height} is too thin to detect on (a side resizes to 0 px)")
         images.append(image)
     return images
 
