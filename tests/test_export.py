@@ -232,10 +232,11 @@ PEER_TOLERANCE = {
 # mean, fail it for most detections (test_mask_deploy.py::test_a_misplaced_paste_fails_the_mask_tolerance).
 
 
-# The mask presets with other backbones add nothing the box presets and the two mask layouts do not cover (and a
-# mask forward costs about a minute here).
+# The mask presets with other backbones add nothing the box presets and the two mask layouts do not cover (a mask
+# forward costs about a minute here), nor does ResNeXt 64x4d beside 32x4d (the same blocks with more groups).
 CHECKED_PRESETS = sorted(
-    p for p in PRESETS if not p.startswith("cascade_mask_") or p.startswith("cascade_mask_rcnn_r50_fpn")
+    p for p in PRESETS
+    if (not p.startswith("cascade_mask_") or p.startswith("cascade_mask_rcnn_r50_fpn")) and "64x4d" not in p
 )
 
 

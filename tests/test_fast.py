@@ -303,19 +303,17 @@ def test_torchvision_reference_loads_like_ours_and_detects_the_same(tmp_path: Pa
 
 @needs_coco128
 def test_benchmark_command_writes_every_figure(tmp_path: Path) -> None:
-    """`cascade-rcnn benchmark` end to end at a tiny size (timings themselves are not checked: they are the output)."""
+    """`cascade-rcnn benchmark` end to end at a tiny size, with the preset's mask sibling timed beside it (detectron2's:
+    one head, the cheaper); timings and memory themselves are the output, not checked."""
     import json
 
     from cascade_rcnn.cli import main
 
     out = tmp_path / "bench.json"
-    # (The mask model beside it: tests/test_mask_deploy.py::test_benchmark_reports_what_masks_add.)
     args = ["benchmark", "--images", str(VAL), "--num-images", "1", "--size", "96x128", "--batch", "2", "--no-onnx",
-            "--no-masks"]
+            "--no-openvino", "--preset", "cascade_rcnn_r50_fpn_detectron2"]
     assert main([*args, "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["mask_preset"] is None and result["mask_extra_ms_per_image"] is None
-    assert result["seconds_per_image"]["torch_fp32_masks"] is None
     for key in ("ratio_vs_torchvision_fp32", "matmul_gflops", "achieved_gflops", "matmul_fraction", "bf16_speedup",
                 "batch2_speedup", "gflops_per_image", "params", "peak_rss_mb"):
         assert result[key] > 0, key
@@ -324,6 +322,16 @@ def test_benchmark_command_writes_every_figure(tmp_path: Path) -> None:
     assert all(result["seconds_per_image"][k] > 0 for k in ("torch_fp32", "torch_bf16", "torchvision_faster_rcnn"))
     assert 0 < result["runtime_rss_mb_by_path"]["torch_fp32"] < result["peak_rss_mb"]
     assert result["detections_per_image"]["torch_fp32"] == 100  # calibrated weights at score threshold 0: full work
+    # What masks add.
+    assert result["mask_preset"] == "cascade_mask_rcnn_r50_fpn_detectron2"
+    assert result["detections_per_image"]["torch_fp32_masks"] == 100
+    # One head of 4 convs (256 channels, 14 x 14), a 2x upsampling and 80 class maps on 100 RoIs: 107 GFLOP.
+    assert 100 < result["mask_gflops_per_image"] < 115
+    assert result["mask_params"] == 4 * (256 * 256 * 9 + 256) + 256 * 256 * 4 + 256 + 256 * 80 + 80
+    for key in ("mask_extra_ms_per_image", "mask_extra_ms_per_image_median", "mask_time_ratio",
+                "mask_peak_rss_extra_mb"):
+        assert isinstance(result[key], float), key
+    assert result["mask_paste_ms_per_image"] > 0 and result["peak_rss_mb_by_path"]["torch_fp32_masks"] > 0
 
 
 def test_rois_in_chunks_equal_all_at_once() -> None:
