@@ -265,6 +265,10 @@ def test_benchmark_report_and_size() -> None:
         "mask_gflops_per_image": 318.0,
         "mask_params": 7_900_000,
         "mask_peak_rss_extra_mb": 180.0,
+        "openvino_fp32_speedup": 2.2,
+        "int8_speedup": None,
+        "int8_peak_rss_mb": None,
+        "cpu_isa": ["avx2", "avx512f", "avx512_vnni"],
         "settings": {
             "preset": "p",
             "size": "800x1333",

@@ -466,10 +466,29 @@ def test_upload_that_never_finishes_is_408(gated_server: tuple[str, GatedDetecto
     with socket.create_connection((host, int(port)), timeout=30) as conn:
         conn.sendall(b"POST /v1/detect HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\n"
                      b"Content-Length: 1000\r\n\r\n" + jpeg()[:10])  # fmt: skip
-        reply = conn.recv(4096).decode("latin-1")
+        reply = _read_response(conn)
     assert reply.startswith("HTTP/1.1 408"), reply
     assert "did not arrive" in reply
     assert detector.batches == []
+
+
+def _read_response(conn: socket.socket) -> str:
+    """One whole HTTP response from a raw socket: headers and body may arrive in separate packets."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(4096)
+        if not chunk:
+            return data.decode("latin-1")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)  # fmt: skip
+    while len(body) < length:
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        body += chunk
+    return (head + b"\r\n\r\n" + body).decode("latin-1")
 
 
 def _wait_for(http: Any, field: str, value: int) -> None:
