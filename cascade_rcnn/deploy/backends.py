@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -92,18 +93,7 @@ class OnnxDetector(Detector):
         metadata = session.get_modelmeta().custom_metadata_map
         if "cascade_rcnn_config" not in metadata:
             raise CascadeRCNNError(f"{path}: not exported by `cascade-rcnn export` (no cascade_rcnn_config metadata)")
-        self.config = config_from_dict(json.loads(metadata["cascade_rcnn_config"]))
-        self.preset = metadata.get("cascade_rcnn_preset") or "cascade_rcnn_r50_fpn"
-        self.device = torch.device("cpu")
-        mask_threshold = None
-        if MASK_OUTPUT in [o.name for o in session.get_outputs()]:
-            if "mask_threshold" not in metadata:
-                raise CascadeRCNNError(f"{path}: a mask graph without its mask_threshold metadata")
-            mask_threshold = float(metadata["mask_threshold"])
-        self.model = OnnxModel(session, build_transform(self.config), mask_threshold)  # type: ignore[assignment]
-        self.load_report = None
-        self.optimize = self.bf16 = False
-        self.path = path
+        attach_graph(self, path, session, metadata.get, [o.name for o in session.get_outputs()])
 
     @property
     def inference_model(self) -> OnnxModel:  # type: ignore[override]
@@ -111,6 +101,26 @@ class OnnxDetector(Detector):
 
     def save(self, path: str | Path) -> Path:
         raise CascadeRCNNError("an ONNX detector has no PyTorch weights to save; keep the .onnx file")
+
+
+def attach_graph(
+    detector: Detector, path: Path, session: Any, meta: Callable[[str], str | None], output_names: list[str]
+) -> None:
+    """Make `detector` (a `Detector` whose __init__ was not called) run an exported graph: its config and preset from
+    the graph's metadata (`meta(key)`, None when absent; the config is known to be there), its `OnnxModel` over
+    `session`, and for a mask graph (a `mask_probs` output) the threshold it pastes at."""
+    detector.config = config_from_dict(json.loads(meta("cascade_rcnn_config")))
+    detector.preset = meta("cascade_rcnn_preset") or "cascade_rcnn_r50_fpn"
+    detector.device = torch.device("cpu")
+    mask_threshold = None
+    if MASK_OUTPUT in output_names:
+        if meta("mask_threshold") is None:
+            raise CascadeRCNNError(f"{path}: a mask graph without its mask_threshold metadata")
+        mask_threshold = float(meta("mask_threshold"))
+    detector.model = OnnxModel(session, build_transform(detector.config), mask_threshold)  # type: ignore[assignment]
+    detector.load_report = None
+    detector.optimize = detector.bf16 = False
+    detector.path = path
 
 
 def load_backend(

@@ -14,7 +14,6 @@ otherwise run float32 IR in bf16 on CPUs with AMX.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -24,12 +23,10 @@ import torch
 from torch import nn
 
 from cascade_rcnn.api import Detector
-from cascade_rcnn.config import config_from_dict
-from cascade_rcnn.deploy.backends import OnnxModel
+from cascade_rcnn.deploy.backends import OnnxModel, attach_graph
 from cascade_rcnn.deploy.extras import require
-from cascade_rcnn.deploy.onnx_export import MASK_OUTPUT, export_onnx
+from cascade_rcnn.deploy.onnx_export import export_onnx
 from cascade_rcnn.errors import CascadeRCNNError
-from cascade_rcnn.modeling.detector import build_transform
 
 RT_INFO_KEY = "cascade_rcnn"  # the IR's rt_info section holding the ONNX file's metadata
 
@@ -109,25 +106,14 @@ class OpenVinoDetector(Detector):
                 return None
             return ov_model.get_rt_info([RT_INFO_KEY, key]).astype(str)
 
-        self.config = config_from_dict(json.loads(meta("cascade_rcnn_config")))
-        self.preset = meta("cascade_rcnn_preset") or "cascade_rcnn_r50_fpn"
         self.quantization = meta("quantization") or "fp32"
-        self.device = torch.device("cpu")
-        mask_threshold = None
-        if MASK_OUTPUT in [name for port in ov_model.outputs for name in port.get_names()]:
-            if meta("mask_threshold") is None:
-                raise CascadeRCNNError(f"{path}: a mask model without its mask_threshold metadata")
-            mask_threshold = float(meta("mask_threshold"))
         compiled = core.compile_model(ov_model, "CPU", {
             "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
             "INFERENCE_PRECISION_HINT": "f32",  # int8 IR still runs its quantized layers in int8
             "PERFORMANCE_HINT": "LATENCY",
         })  # fmt: skip
-        session = OpenVinoSession(compiled)
-        self.model = OnnxModel(session, build_transform(self.config), mask_threshold)  # type: ignore[assignment]
-        self.load_report = None
-        self.optimize = self.bf16 = False
-        self.path = path
+        output_names = [name for port in ov_model.outputs for name in port.get_names()]
+        attach_graph(self, path, OpenVinoSession(compiled), meta, output_names)
 
     @property
     def inference_model(self) -> OnnxModel:  # type: ignore[override]
