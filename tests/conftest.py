@@ -12,9 +12,11 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -137,3 +139,25 @@ def detectron2_mask_reference_checkpoint(detectron2_mask_reference_dir: Path) ->
     sha256 = _recipe(detectron2_mask_reference_dir)["state_dict_sha256"]
     name = f"detectron2_cascade_mask_rcnn_r50_fpn_{sha256[:16]}.pkl"
     return rebuilt_checkpoint(detectron2_mask_reference_dir / "make_checkpoint.py", name)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for the test (byte-identical runs need the thread count of the run they are compared to)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained 3-class detector with small inputs and 50 proposals, saved: about 0.2 s per image on one thread
+    (some test files define their own)."""
+    from cascade_rcnn.api import Detector
+
+    torch.manual_seed(0)
+    detector = Detector(preset="cascade_rcnn_r50_fpn", num_classes=3, class_names=("person", "car", "dog"),
+                        **{"transform.min_size": 128, "transform.max_size": 192, "rpn.pre_nms_top_n_test": 100,
+                           "rpn.post_nms_top_n_test": 50})  # fmt: skip
+    return detector.save(tmp_path_factory.mktemp("weights") / "tiny.safetensors")

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -69,25 +68,6 @@ def _use(monkeypatch: pytest.MonkeyPatch, detector: PixelDetector) -> PixelDetec
 
 def _tree(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from cascade_rcnn.api import Detector
-
-    torch.manual_seed(0)
-    detector = Detector(preset="cascade_rcnn_r50_fpn", num_classes=3, class_names=("person", "car", "dog"),
-                        **{"transform.min_size": 128, "transform.max_size": 192, "rpn.pre_nms_top_n_test": 100,
-                           "rpn.post_nms_top_n_test": 50})  # fmt: skip
-    return detector.save(tmp_path_factory.mktemp("weights") / "tiny.safetensors")
 
 
 def test_sigkill_half_way_then_resume_equals_an_uninterrupted_run(

@@ -12,37 +12,15 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from cascade_rcnn.cli import main
 from cascade_rcnn.inference import resume
 from tests.helpers import REPO, require_coco128
 
 IMAGE_IDS = (139, 285, 632, 724, 776)
-
-
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An untrained 3-class detector with small inputs and 50 proposals: about 0.2 s per image on one thread."""
-    from cascade_rcnn.api import Detector
-
-    torch.manual_seed(0)
-    detector = Detector(preset="cascade_rcnn_r50_fpn", num_classes=3, class_names=("person", "car", "dog"),
-                        **{"transform.min_size": 128, "transform.max_size": 192, "rpn.pre_nms_top_n_test": 100,
-                           "rpn.post_nms_top_n_test": 50})  # fmt: skip
-    return detector.save(tmp_path_factory.mktemp("weights") / "tiny.safetensors")
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def torchrun(args: list[str], processes: int = 2) -> subprocess.CompletedProcess[str]:
