@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -151,7 +152,16 @@ def one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def module_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A folder for one module's shared files (weights, exported graphs), deleted when the module is done: the suite
+    writes gigabytes of them, and pytest would otherwise keep every one until the session ends."""
+    path = tmp_path_factory.mktemp("module")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(module_tmp: Path) -> Path:
     """An untrained 3-class detector with small inputs and 50 proposals, saved: about 0.2 s per image on one thread
     (some test files define their own)."""
     from cascade_rcnn.api import Detector
@@ -160,4 +170,4 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     detector = Detector(preset="cascade_rcnn_r50_fpn", num_classes=3, class_names=("person", "car", "dog"),
                         **{"transform.min_size": 128, "transform.max_size": 192, "rpn.pre_nms_top_n_test": 100,
                            "rpn.post_nms_top_n_test": 50})  # fmt: skip
-    return detector.save(tmp_path_factory.mktemp("weights") / "tiny.safetensors")
+    return detector.save(module_tmp / "tiny.safetensors")

@@ -355,7 +355,7 @@ def test_eval_unreadable_image_is_skipped_and_missing_one_is_an_error(
 
 
 @pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_weights(module_tmp: Path) -> Path:
     """An untrained 3-class detector saved as a weights file; a small input size and 100 proposals per image keep
     CPU inference quick (the RoI heads' cost grows with the proposal count, not the image size)."""
     from cascade_rcnn.api import Detector
@@ -364,7 +364,7 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     detector = Detector(preset="cascade_rcnn_r50_fpn", num_classes=3, class_names=("person", "car", "dog"),
                         **{"transform.min_size": 192, "transform.max_size": 320, "rpn.pre_nms_top_n_test": 200,
                            "rpn.post_nms_top_n_test": 100})  # fmt: skip
-    return detector.save(tmp_path_factory.mktemp("weights") / "tiny.safetensors")
+    return detector.save(module_tmp / "tiny.safetensors")
 
 
 @needs_coco128

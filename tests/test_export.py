@@ -78,12 +78,11 @@ def assert_same_detections(refs, outs) -> None:
 
 
 @pytest.fixture(scope="module")
-def agnostic(tmp_path_factory: pytest.TempPathFactory) -> tuple[Detector, Path]:
+def agnostic(module_tmp: Path) -> tuple[Detector, Path]:
     """A calibrated class-agnostic detector, saved and exported through the CLI."""
-    folder = tmp_path_factory.mktemp("export")
     det = calibrated_detector()
-    weights = det.save(folder / "model.safetensors")
-    onnx_path = folder / "model.onnx"
+    weights = det.save(module_tmp / "model.safetensors")
+    onnx_path = module_tmp / "model.onnx"
     assert main(["export", "--weights", str(weights), "--output", str(onnx_path)]) == 0
     return det, onnx_path
 

@@ -97,7 +97,7 @@ def calibrated_mask_detector(preset: str) -> Detector:
 
 
 @pytest.fixture(scope="module", params=MASK_PRESETS)
-def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Detector, Path]:
+def exported(request: pytest.FixtureRequest, module_tmp: Path) -> tuple[Detector, Path]:
     """A calibrated tiny mask detector of each mask convention (per-stage heads and mmdetection's rescale; one head
     and detectron2's), exported to ONNX."""
     pytest.importorskip("onnx")
@@ -105,7 +105,7 @@ def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     from cascade_rcnn.deploy.onnx_export import export_onnx
 
     det = calibrated_mask_detector(request.param)
-    path = export_onnx(det.model, tmp_path_factory.mktemp("mask") / "model.onnx", config=det.config,
+    path = export_onnx(det.model, module_tmp / f"{request.param}.onnx", config=det.config,
                        preset=request.param, example_size=(128, 192))  # fmt: skip
     return det, path
 

@@ -46,7 +46,7 @@ CLASSES = ("person", "car", "dog")
 
 
 @pytest.fixture(scope="module")
-def tiny_mask_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_mask_weights(module_tmp: Path) -> Path:
     """An untrained 3-class Cascade Mask R-CNN (mmdetection's per-stage mask heads) saved as a weights file."""
     torch.manual_seed(0)
     config = tiny_config(3, class_names=CLASSES, **{
@@ -54,7 +54,7 @@ def tiny_mask_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "postprocess.detections_per_image": 20, "rpn.post_nms_top_n_test": 50,
         "transform.min_size": 96, "transform.max_size": 128})  # fmt: skip
     detector = Detector("cascade_mask_rcnn_r50_fpn", config=config)
-    return detector.save(tmp_path_factory.mktemp("weights") / "tiny_mask.safetensors")
+    return detector.save(module_tmp / "tiny_mask.safetensors")
 
 
 def _write_image(path: Path, size: tuple[int, int], seed: int) -> Path:

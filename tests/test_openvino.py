@@ -19,12 +19,11 @@ from test_export import IMAGES, VAL, assert_same_detections, calibrated_detector
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Detector, Path, Path]:
+def exported(module_tmp: Path) -> tuple[Detector, Path, Path]:
     """A calibrated class-agnostic detector, saved, and exported as OpenVINO IR through the CLI (checked once)."""
-    folder = tmp_path_factory.mktemp("openvino")
     det = calibrated_detector()
-    weights = det.save(folder / "model.safetensors")
-    xml = folder / "model.xml"
+    weights = det.save(module_tmp / "model.safetensors")
+    xml = module_tmp / "model.xml"
     assert main(["export", "--format", "openvino", "--weights", str(weights), "--output", str(xml), "--check"]) == 0
     return det, weights, xml
 

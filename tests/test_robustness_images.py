@@ -53,12 +53,12 @@ def one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def weights(module_tmp: Path) -> Path:
     from cascade_rcnn.api import Detector
 
     torch.manual_seed(0)
     detector = Detector(config=tiny_config(num_classes=3, class_names=CLASS_NAMES, **SMALL))
-    return detector.save(tmp_path_factory.mktemp("weights") / "tiny.safetensors")
+    return detector.save(module_tmp / "tiny.safetensors")
 
 
 # --- writing test images ----------------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ def require_serve() -> Any:
 
 
 @pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_weights(module_tmp: Path) -> Path:
     """An untrained 3-class detector on 64-96 px inputs with 20 proposals per image: ~0.1 s per image on 2 CPU cores,
     so the load test's 110 requests stay short."""
     from cascade_rcnn.api import Detector
@@ -63,7 +63,7 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     small = {"transform.min_size": 64, "transform.max_size": 96, "rpn.pre_nms_top_n_test": 100,
              "rpn.post_nms_top_n_test": 20}  # fmt: skip
     config = tiny_config(3, class_names=CLASS_NAMES, **small)
-    return Detector(config=config).save(tmp_path_factory.mktemp("serve") / "tiny.safetensors")
+    return Detector(config=config).save(module_tmp / "tiny.safetensors")
 
 
 def jpeg(width: int = 64, height: int = 48, seed: int = 0) -> bytes:

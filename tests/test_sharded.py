@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -66,8 +67,11 @@ def test_two_gloo_processes_predict_the_bytes_of_one(tiny_weights: Path, tmp_pat
     assert single.err.count(message) == 1 and group.stderr.count(message) == 1
     assert single.out.replace("/one", "/two") == group.stdout
     assert group.stderr.count("1 input(s) failed") == 1
-    # One progress bar, over all six inputs.
-    assert "6/6" in group.stderr and group.stderr.count("predict:   0%") == 1
+    # One progress bar, over all six inputs: every draw of it (tqdm redraws it below each skip message) counts up
+    # towards 6/6; a second process's bar would start again from 0 or count to another total.
+    draws = [(int(n), int(total)) for n, total in re.findall(r"predict: +\d+%\|[^|]*\| (\d+)/(\d+)", group.stderr)]
+    assert draws and draws[-1] == (6, 6) and {total for _, total in draws} == {6}, draws
+    assert [n for n, _ in draws] == sorted(n for n, _ in draws), draws
     # The broken image has no record: --resume would try it again.
     assert (tmp_path / "two" / resume.PARTIAL_DIR / "rank1.jsonl").is_file()
 
