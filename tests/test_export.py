@@ -207,6 +207,45 @@ def test_predict_command_with_onnxruntime_backend(agnostic: tuple[Detector, Path
     assert sorted(round(d["score"], 3) for d in written) == sorted(round(float(s), 3) for s in expected.scores)
 
 
+@needs_coco128
+def test_eval_command_with_onnxruntime_backend(agnostic: tuple[Detector, Path], tmp_path: Path) -> None:
+    _, onnx_path = agnostic
+    assert_backend_eval_matches_torch(onnx_path.with_name("model.safetensors"), onnx_path, "onnxruntime", tmp_path)
+
+
+
+def subset_annotations(names: list[str], path: Path) -> Path:
+    """coco128's val annotation file cut down to the images `names`, written to `path`."""
+    import json
+
+    data = json.loads((COCO128 / "annotations" / "instances_val2017.json").read_text())
+    images = [image for image in data["images"] if image["file_name"] in names]
+    ids = {image["id"] for image in images}
+    data.update(images=images, annotations=[a for a in data["annotations"] if a["image_id"] in ids])
+    path.write_text(json.dumps(data))
+    return path
+
+
+def assert_backend_eval_matches_torch(weights: Path, graph: Path, backend: str, folder: Path) -> None:
+    """`eval --backend` on an exported graph scores what `eval` scores with the torch model, image for image."""
+    import json
+
+    annotations = subset_annotations(IMAGES, folder / "val3.json")
+    common = ["--images", str(VAL), "--annotations", str(annotations)]
+    assert main(["eval", "--weights", str(weights), *common, "--out", str(folder / "torch")]) == 0
+    assert main(["eval", "--weights", str(graph), "--backend", backend, *common, "--out", str(folder / backend)]) == 0
+    ours, theirs = (json.loads((folder / name / "metrics.json").read_text()) for name in ("torch", backend))
+    assert set(ours) == set(theirs)
+    assert {k: round(v, 3) for k, v in ours.items()} == {k: round(v, 3) for k, v in theirs.items()}
+    # The calibrated random weights score near 0 AP: the detections themselves are compared too.
+    ours, theirs = (json.loads((folder / name / "detections.json").read_text()) for name in ("torch", backend))
+    assert len(ours) == len(theirs) > 100
+    for key in ("image_id", "category_id"):
+        assert sorted(d[key] for d in ours) == sorted(d[key] for d in theirs), key
+    assert sorted(d["score"] for d in ours) == pytest.approx(sorted(d["score"] for d in theirs), abs=1e-3)
+    # An exported graph has no per-stage outputs: said in one line.
+    assert main(["eval", "--weights", str(graph), "--backend", backend, *common, "--per-stage"]) == 2
+
 # The seed's fixed canvas, shrunk with the images (the rest of its conventions as they are).
 PRESET_OVERRIDES = {"cascade_rcnn_r101_fpn_mindspore": {"transform.pad_to": (320, 512)}}
 # Float32 rounding differs between the paths (folded batch norm and channels-last oneDNN convolutions in the optimised

@@ -15,7 +15,14 @@ from cascade_rcnn.errors import CascadeRCNNError
 pytest.importorskip("openvino", reason="the openvino extra is not installed: pip install 'cascade-rcnn[openvino]'")
 pytest.importorskip("onnx", reason="OpenVINO export goes through the ONNX export: pip install 'cascade-rcnn[onnx]'")
 
-from test_export import IMAGES, VAL, assert_same_detections, calibrated_detector, needs_coco128
+from test_export import (
+    IMAGES,
+    VAL,
+    assert_backend_eval_matches_torch,
+    assert_same_detections,
+    calibrated_detector,
+    needs_coco128,
+)
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +70,9 @@ def test_predict_command_with_openvino_backend(exported: tuple[Detector, Path, P
     expected = det.predict(image, score_thresh=0.2)
     assert len(written) == len(expected) > 0
     assert sorted(d["score"] for d in written) == pytest.approx(sorted(expected.scores.tolist()), abs=1e-3)
+
+
+@needs_coco128
+def test_eval_command_with_openvino_backend(exported: tuple[Detector, Path, Path], tmp_path: Path) -> None:
+    _, weights, xml = exported
+    assert_backend_eval_matches_torch(weights, xml, "openvino", tmp_path)

@@ -43,10 +43,12 @@ from pycocotools.coco import COCO
 from cascade_rcnn.commands import positive_int
 from cascade_rcnn.commands.predict import (
     BATCH_HELP,
+    add_backend_argument,
     add_bf16_argument,
+    backend_device,
     coco_wh_plus_one,
     default_batch_size,
-    load_detector,
+    load_for_backend,
     make_output_dir,
     model_has_masks,
     predict_batch,
@@ -54,7 +56,7 @@ from cascade_rcnn.commands.predict import (
 )
 from cascade_rcnn.data.dataset import is_file
 from cascade_rcnn.data.image_io import load_image
-from cascade_rcnn.errors import CascadeRCNNError, DatasetError, ImageReadError
+from cascade_rcnn.errors import CascadeRCNNError, ConfigError, DatasetError, ImageReadError
 from cascade_rcnn.evaluation.coco import (
     EvalResult,
     check_segm_ground_truth,
@@ -100,6 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--preset", metavar="NAME", help="model preset (default: from the weights file's metadata)")
     add_bf16_argument(parser)
+    add_backend_argument(parser)
     resume.add_arguments(parser)
     inference_options.add_arguments(parser)
 
@@ -138,8 +141,9 @@ def run(args: argparse.Namespace) -> int:
     if args.images is None:
         print("error: --weights needs --images (the folder of the annotation file's images)", file=sys.stderr)
         return 2
-    # The report shows each stage's AP (not with tiling or TTA: their merge mixes the stages).
-    args.per_stage = args.per_stage or (args.report and args.tile is None and not args.tta)
+    # The report shows each stage's AP (not with tiling or TTA: their merge mixes the stages; not from an exported
+    # graph, which returns the final detections only).
+    args.per_stage = args.per_stage or (args.report and args.tile is None and not args.tta and args.backend == "torch")
     if args.out is not None:
         return _run_model(args, args.out)
     if env_world_size() > 1:
@@ -151,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_model(args: argparse.Namespace, out_dir: Path, write_extras: bool = True) -> int:
-    shards = sharding.join(resolve_device(args.device))  # torchrun's process group; nothing to join in one process
+    # torchrun's process group (nothing to join in one process) and this process's device.
+    shards = sharding.join(resolve_device(backend_device(args)))
     gt = load_coco_gt(args.annotations)
     images = sorted(gt.dataset["images"], key=lambda image: image["id"])
     if not args.images.is_dir():
@@ -172,7 +177,10 @@ def _run_model(args: argparse.Namespace, out_dir: Path, write_extras: bool = Tru
     max_pixels = inference_options.max_pixels(args)
     # Tiling and TTA go image by image (`--batch-size`: slices or views per pass): one large image in memory at a time.
     augment = {"tile": tile, "tta": tta, "progress": True} if tile is not None or tta is not None else {}
-    detector = load_detector(args.weights, shards.device, args.preset, bf16=args.bf16)
+    if args.per_stage and getattr(args, "backend", "torch") != "torch":
+        raise ConfigError(f"--per-stage: the {args.backend} graph returns the final detections only; use the torch "
+                          "backend for each stage's output")  # fmt: skip
+    detector = load_for_backend(args, shards.device)
     inference_options.check_detector(detector, tile)
     batch_size = args.batch_size or default_batch_size(detector)
     images_per_pass = 1 if augment else batch_size

@@ -70,11 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--preset", metavar="NAME", help="model preset (default: from the weights file's metadata)")
     add_bf16_argument(parser)
-    parser.add_argument(
-        "--backend", choices=["torch", "onnxruntime", "openvino"], default="torch",
-        help="torch; onnxruntime: run an exported .onnx file (or export --weights on the fly) with ONNX Runtime; "
-        "openvino: run an exported or quantized OpenVINO .xml file (or export --weights on the fly)",
-    )  # fmt: skip
+    add_backend_argument(parser)
     parser.add_argument("--save-masks", action="store_true", help=MASKS_HELP)
     resume.add_arguments(parser)
     inference_options.add_arguments(parser)
@@ -102,6 +98,32 @@ def add_bf16_argument(parser: argparse.ArgumentParser) -> None:
         "--bf16", action="store_true",
         help="run convolutions and linear layers in bfloat16 (torch backend; fast on CPUs with AVX512-BF16 or AMX)",
     )  # fmt: skip
+
+
+def add_backend_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backend", choices=["torch", "onnxruntime", "openvino"], default="torch",
+        help="torch; onnxruntime: run an exported .onnx file (or export --weights on the fly) with ONNX Runtime; "
+        "openvino: run an exported or quantized OpenVINO .xml file (or export --weights on the fly)",
+    )  # fmt: skip
+
+
+def load_for_backend(args: argparse.Namespace, device: str) -> Any:
+    """The detector `args` ask for: `--weights` on the torch backend (`--bf16`, `--preset`), or an exported graph (or
+    weights exported on the fly) run by ONNX Runtime or OpenVINO (`--backend`)."""
+    backend = getattr(args, "backend", "torch")
+    if backend == "torch":
+        return load_detector(args.weights, device, args.preset, bf16=args.bf16)
+    if args.bf16:
+        raise ConfigError(f"--bf16 applies to the torch backend ({backend} runs the graph as it was exported)")
+    from cascade_rcnn.deploy.backends import load_backend
+
+    return load_backend(args.weights, backend, device=device, preset=args.preset)
+
+
+def backend_device(args: argparse.Namespace) -> str | None:
+    """`--device`, or the CPU for the ONNX Runtime and OpenVINO backends (which run there)."""
+    return args.device or ("cpu" if getattr(args, "backend", "torch") != "torch" else None)
 
 
 def resolve_device(device: str | None) -> str:
@@ -312,9 +334,8 @@ def category_ids_for(class_names: Sequence[str]) -> list[int]:
 def run(args: argparse.Namespace) -> int:
     if video.wants_video(args.inputs):
         return video.run(args)
-    onnx = getattr(args, "backend", "torch") != "torch"  # ONNX Runtime runs on the CPU
     # torchrun's process group (nothing to join in one process) and this process's device.
-    shards = sharding.join(resolve_device(args.device or ("cpu" if onnx else None)))
+    shards = sharding.join(resolve_device(backend_device(args)))
     paths, problems = collect_inputs(args.inputs)
     for problem in problems if shards.is_main else []:
         print(f"skipped {problem}", file=sys.stderr)
@@ -329,14 +350,7 @@ def run(args: argparse.Namespace) -> int:
     # Tiling and TTA go image by image (`--batch-size`: slices or views per pass): one large image in memory at a time.
     augment = {"tile": tile, "tta": tta, "progress": True} if tile is not None or tta is not None else {}
 
-    if getattr(args, "backend", "torch") == "torch":
-        detector = load_detector(args.weights, shards.device, args.preset, bf16=args.bf16)
-    elif args.bf16:
-        raise ConfigError("--bf16 applies to the torch backend (ONNX Runtime runs the graph in float32)")
-    else:
-        from cascade_rcnn.deploy.backends import load_backend
-
-        detector = load_backend(args.weights, args.backend, device=shards.device, preset=args.preset)
+    detector = load_for_backend(args, shards.device)
     inference_options.check_detector(detector, tile)
     if save_masks and not model_has_masks(detector):
         raise ConfigError(f"--save-masks: the model of {args.weights} has no mask head (a box-only Cascade R-CNN); "
