@@ -189,6 +189,31 @@ def test_losses_do_not_depend_on_train_or_eval_mode():
         assert torch.equal(trained[key], evaluated[key]), key
 
 
+def test_channels_last_training_is_the_same_computation():
+    """The trainer's channels-last forward (`train.memory_format`) gives the NCHW losses and gradients up to float
+    rounding. Measured on this random tiny net: losses within 6e-6 relative; gradients within 1.1e-3 of their norm
+    (the box heads' first layers: a ReLU input within rounding of 0 flips; the backbone's within 5e-4). A misread
+    layout would be off by the whole gradient."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config()).train()
+    targets = [{"boxes": torch.tensor([[10.0, 20.0, 80.0, 90.0], [30.0, 5.0, 60.0, 40.0]]),
+                "labels": torch.tensor([1, 2]), "sample_seed": torch.tensor(i)} for i in range(2)]  # fmt: skip
+    results = []
+    for channels_last in (False, True):
+        model.channels_last = channels_last
+        model.zero_grad()
+        losses = model(images(), targets)
+        sum(losses.values()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((losses, grads))
+    (plain, plain_grads), (nhwc, nhwc_grads) = results
+    for key in plain:
+        assert abs(float(nhwc[key] - plain[key])) <= 1e-4 * abs(float(plain[key])) + 1e-7, key
+    assert nhwc_grads.keys() == plain_grads.keys() and len(plain_grads) > 20
+    for name, grad in plain_grads.items():
+        assert (nhwc_grads[name] - grad).norm() <= 1e-2 * grad.norm() + 1e-9, name
+
+
 @pytest.mark.parametrize("shape", [(1, 3000), (3000, 1)])
 def test_a_one_pixel_sliver_is_detected_not_crashed(shape) -> None:
     """Resized sizes are at least one pixel: a 1 x 3000 image used to resize to nothing (ZeroDivisionError)."""

@@ -83,7 +83,9 @@ def build_cascade(preset: str, size: tuple[int, int], overrides: dict[str, Any])
     from cascade_rcnn.modeling.detector import build_model
 
     config = get_preset(preset, **{"transform.min_size": size[0], "transform.max_size": size[1], **overrides})
-    return build_model(config)
+    model = build_model(config)
+    model.channels_last = True  # as the trainer runs it on the CPU (train.memory_format = "auto")
+    return model
 
 
 def build_torchvision(size: tuple[int, int]) -> nn.Module:

@@ -201,6 +201,8 @@ class Trainer:
         else:
             self.model.load_state_dict(state["model"])
         self.model.to(self.device).train()
+        self.model.channels_last = t.memory_format == "channels_last" or (
+            t.memory_format == "auto" and self.device.type == "cpu")  # fmt: skip
         self.ddp_model: nn.Module = self.model
         if self.info.enabled:
             # Buffers (frozen batch norm statistics) never change in training: DDP syncs them once, at start, and
