@@ -66,3 +66,39 @@ def test_quantize_command(tmp_path: Path) -> None:
     # accuracy is measured on trained weights (README "int8 on CPUs").
     assert len(out) == len(ref) == 100 and torch.isfinite(out.boxes).all() and torch.isfinite(out.scores).all()
     assert out.boxes.dtype == torch.float32 and (out.boxes[:, 2:] >= out.boxes[:, :2]).all()
+
+
+@pytest.fixture(scope="module")
+def trained_demo(module_tmp: Path) -> Path:
+    """A short `cascade-rcnn demo` run: the demo's model trained for 150 iterations on 120 synthetic images (about a
+    minute on 2 cores), with its data and its float32 AP on 20 val images."""
+    out = module_tmp / "demo"
+    assert main(["demo", "--out", str(out), "--epochs", "5", "--num-train", "120", "--num-val", "20", "--draw", "0"]) == 0
+    return out
+
+
+def test_int8_keeps_a_trained_models_accuracy(trained_demo: Path, tmp_path: Path) -> None:
+    """On trained weights int8 keeps the AP within 1 point and finds >= 90% of the float32 detections scoring >= 0.3
+    again (same label, IoU > 0.9): `quantize` calibrated on training images, `benchmark --int8-accuracy` on the val
+    images, `eval --backend openvino` agreeing with it."""
+    import json
+
+    weights, data = trained_demo / "model.safetensors", trained_demo / "data"
+    xml = tmp_path / "int8.xml"
+    assert main(["quantize", "--weights", str(weights), "--calib-images", str(data / "train"), "--num-images", "16",
+                 "--output", str(xml)]) == 0  # fmt: skip
+    figures = tmp_path / "int8.json"
+    assert main(["benchmark", "--int8-accuracy", str(weights), "--int8-model", str(xml), "--images", str(data / "val"),
+                 "--annotations", str(data / "val.json"), "--json", str(figures)]) == 0  # fmt: skip
+    result = json.loads(figures.read_text())
+    fp32_ap = json.loads((trained_demo / "metrics.json").read_text())["AP"]
+    assert result["AP"]["fp32"] == pytest.approx(fp32_ap, abs=1e-6) and fp32_ap > 0.3  # trained, not random
+    assert result["AP"]["int8"] >= result["AP"]["fp32"] - 0.01, result["AP"]
+    assert result["matched_in_int8"] >= 0.9 * result["fp32_detections_above_min_score"] > 0, result
+    # The int8 graph scored by eval --backend gives the same AP.
+    assert main(["eval", "--weights", str(xml), "--backend", "openvino", "--images", str(data / "val"),
+                 "--annotations", str(data / "val.json"), "--out", str(tmp_path / "eval")]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["AP"] == pytest.approx(result["AP"]["int8"])
+    # Without the int8 model the command says what it needs, on one line.
+    assert main(["benchmark", "--int8-accuracy", str(weights), "--images", str(data / "val"),
+                 "--annotations", str(data / "val.json")]) == 2  # fmt: skip

@@ -1,17 +1,22 @@
-"""bfloat16 against float32 on a trained model: `cascade-rcnn benchmark --bf16-accuracy WEIGHTS --images DIR
---annotations JSON`, the source of the README's bf16 accuracy figures.
+"""bfloat16, or an int8 OpenVINO model, against float32 on a trained model: `cascade-rcnn benchmark --bf16-accuracy
+WEIGHTS --images DIR --annotations JSON` (or `--int8-accuracy WEIGHTS --int8-model XML ...`), the source of the
+README's bf16 and int8 accuracy figures.
 
-Both paths run the same weights (one `Detector.model`; the bf16 inference copy holds bfloat16 copies of them) on every
-image of a COCO annotation file, one image at a time. Reported:
+bf16 runs the same weights (one `Detector.model`; the bf16 inference copy holds bfloat16 copies of them); int8 runs
+the `cascade-rcnn quantize` output of those weights with OpenVINO. Both go over every image of a COCO annotation file,
+one image at a time, beside float32. Reported:
 
 - COCO AP and AP50 of each path (pycocotools, at the model's own score threshold);
-- of the float32 detections scoring >= `min_score`, how many reappear in bf16 with the same label and IoU > `min_iou`;
+- of the float32 detections scoring >= `min_score`, how many reappear in the other path with the same label and
+  IoU > `min_iou`;
 - for those pairs, each box's largest coordinate difference in pixels (median, 99th percentile, largest) and the score
   difference (median, largest).
 
 On the demo's model: `cascade-rcnn demo --out demo_output`, then
 `cascade-rcnn benchmark --bf16-accuracy demo_output/model.safetensors --images demo_output/data/val
---annotations demo_output/data/val.json`.
+--annotations demo_output/data/val.json`; for int8, `cascade-rcnn quantize --weights demo_output/model.safetensors
+--calib-images demo_output/data/train --output demo_int8.xml` first, then `--int8-accuracy
+demo_output/model.safetensors --int8-model demo_int8.xml` with the same --images and --annotations.
 """
 
 from __future__ import annotations
@@ -19,11 +24,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 from torchvision.ops import box_iou
 
+from cascade_rcnn.errors import ConfigError
 from cascade_rcnn.structures import Detections
 
 
@@ -70,19 +77,45 @@ def _quantile(values: Tensor, q: float) -> float | None:
     return float(torch.quantile(values.double(), q)) if len(values) else None
 
 
-def compare_bf16(
+def compare_bf16(weights: str | Path, images: Path, annotations: Path, *, threads: int = 2, **options: Any) -> dict:
+    """float32 and bf16 runs of `weights` compared on every image of `annotations` (the module docstring's figures)."""
+    from cascade_rcnn.api import Detector
+
+    torch.set_num_threads(threads)
+    fp32 = Detector.from_weights(weights)
+    bf16 = Detector(fp32.preset, config=fp32.config, bf16=True, model=fp32.model)  # the same weights
+    return compare_paths(weights, fp32, bf16, "bf16", images, annotations, threads=threads, **options)
+
+
+def compare_int8(weights: str | Path, int8_model: Path, images: Path, annotations: Path, *, threads: int = 2,
+                 **options: Any) -> dict:  # fmt: skip
+    """float32 `weights` and their int8 OpenVINO model `int8_model` (`cascade-rcnn quantize`) compared likewise."""
+    from cascade_rcnn.api import Detector
+    from cascade_rcnn.deploy.openvino import OpenVinoDetector
+
+    torch.set_num_threads(threads)
+    fp32, int8 = Detector.from_weights(weights), OpenVinoDetector(int8_model, threads=threads)
+    if tuple(int8.class_names) != tuple(fp32.class_names):
+        raise ConfigError(f"{int8_model}: its classes {list(int8.class_names)} are not those of {weights} "
+                          f"{list(fp32.class_names)}; quantize these weights")  # fmt: skip
+    return compare_paths(weights, fp32, int8, "int8", images, annotations, threads=threads, **options)
+
+
+def compare_paths(
     weights: str | Path,
+    fp32: Any,
+    other: Any,
+    name: str,
     images: Path,
     annotations: Path,
     *,
-    threads: int = 2,
+    threads: int,
     min_score: float = 0.3,
     min_iou: float = 0.9,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Run `weights` in float32 and in bf16 on every image of `annotations` (files under `images`); the figures of
-    the module docstring, as a JSON-ready dict."""
-    from cascade_rcnn.api import Detector
+    """Run the detectors `fp32` and `other` (called `name`) on every image of `annotations` (files under `images`);
+    the figures of the module docstring, as a JSON-ready dict."""
     from cascade_rcnn.benchmarks.inference import cpu_description
     from cascade_rcnn.data.image_io import load_image
     from cascade_rcnn.evaluation.coco import (
@@ -92,35 +125,33 @@ def compare_bf16(
         map_labels_to_category_ids,
     )
 
-    torch.set_num_threads(threads)
-    fp32 = Detector.from_weights(weights)
-    bf16 = Detector(fp32.preset, config=fp32.config, bf16=True, model=fp32.model)  # the same weights
     gt = load_coco_gt(annotations)
     category_ids, _ = map_labels_to_category_ids(fp32.class_names, gt)
     records = sorted(gt.dataset["images"], key=lambda image: image["id"])
-    outputs: dict[str, list[Detections]] = {"fp32": [], "bf16": []}
-    results: dict[str, list[dict]] = {"fp32": [], "bf16": []}
+    outputs: dict[str, list[Detections]] = {"fp32": [], name: []}
+    results: dict[str, list[dict]] = {"fp32": [], name: []}
     wh_plus_one = fp32.config.postprocess.coco_wh_plus_one
     for i, record in enumerate(records):
         pixels = load_image(images / record["file_name"])
-        for name, detector in (("fp32", fp32), ("bf16", bf16)):
+        for path, detector in (("fp32", fp32), (name, other)):
             det = detector.predict(pixels)
-            outputs[name].append(det)
-            results[name] += detections_to_coco(record["id"], det.boxes, det.scores, det.labels, category_ids,
+            outputs[path].append(det)
+            results[path] += detections_to_coco(record["id"], det.boxes, det.scores, det.labels, category_ids,
                                                 wh_plus_one=wh_plus_one)  # fmt: skip
         if (i + 1) % 10 == 0 or i + 1 == len(records):
             log(f"  {i + 1}/{len(records)} images")
-    metrics = {name: evaluate_coco(gt, dets).metrics for name, dets in results.items()}
-    agreement = match_detections(outputs["fp32"], outputs["bf16"], min_score, min_iou)
+    metrics = {path: evaluate_coco(gt, dets).metrics for path, dets in results.items()}
+    agreement = match_detections(outputs["fp32"], outputs[name], min_score, min_iou)
     return {
         "weights": str(weights),
+        "other": name,
         "images": len(records),
-        "AP": {name: m["AP"] for name, m in metrics.items()},
-        "AP50": {name: m["AP50"] for name, m in metrics.items()},
+        "AP": {path: m["AP"] for path, m in metrics.items()},
+        "AP50": {path: m["AP50"] for path, m in metrics.items()},
         "min_score": min_score,
         "min_iou": min_iou,
         "fp32_detections_above_min_score": agreement.reference,
-        "matched_in_bf16": agreement.matched,
+        f"matched_in_{name}": agreement.matched,
         "box_diff_px": {
             "median": _quantile(agreement.box_diffs, 0.5),
             "p99": _quantile(agreement.box_diffs, 0.99),
@@ -134,20 +165,21 @@ def compare_bf16(
     }
 
 
-def report_bf16(result: dict) -> str:
+def report_accuracy(result: dict) -> str:
     """The comparison's figures as text."""
 
     def fmt(value: float | None, spec: str) -> str:
         return "n/a" if value is None else format(value, spec)
 
+    name = result["other"]
     ap, ap50, box, score = result["AP"], result["AP50"], result["box_diff_px"], result["score_diff"]
     return "\n".join([
-        f"bf16 vs float32: {result['weights']}, {result['images']} images; CPU: {result['settings']['cpu']}; "
+        f"{name} vs float32: {result['weights']}, {result['images']} images; CPU: {result['settings']['cpu']}; "
         f"torch {result['settings']['torch']}",
-        f"COCO AP    fp32 {ap['fp32']:.3f}  bf16 {ap['bf16']:.3f}",
-        f"COCO AP50  fp32 {ap50['fp32']:.3f}  bf16 {ap50['bf16']:.3f}",
-        f"fp32 detections scoring >= {result['min_score']}: {result['fp32_detections_above_min_score']}; found in bf16 "
-        f"(same label, IoU > {result['min_iou']}): {result['matched_in_bf16']}",
+        f"COCO AP    fp32 {ap['fp32']:.3f}  {name} {ap[name]:.3f}  ({100 * (ap[name] - ap['fp32']):+.2f} points)",
+        f"COCO AP50  fp32 {ap50['fp32']:.3f}  {name} {ap50[name]:.3f}",
+        f"fp32 detections scoring >= {result['min_score']}: {result['fp32_detections_above_min_score']}; found in "
+        f"{name} (same label, IoU > {result['min_iou']}): {result[f'matched_in_{name}']}",
         f"  box difference (largest coordinate): median {fmt(box['median'], '.3f')} px, 99th percentile "
         f"{fmt(box['p99'], '.3f')} px, largest {fmt(box['max'], '.3f')} px",
         f"  score difference: median {fmt(score['median'], '.1e')}, largest {fmt(score['max'], '.1e')}",

@@ -13,7 +13,9 @@ detections and the paste into the image: `mask_extra_ms_per_image`, the paste al
 (`mask_peak_rss_extra_mb`); `--no-masks` skips it.
 
 `--bf16-accuracy WEIGHTS --images DIR --annotations JSON` instead compares bf16 with float32 on a trained model
-(`cascade_rcnn.benchmarks.bf16_accuracy`): COCO AP of each, and how closely bf16 reproduces float32's detections.
+(`cascade_rcnn.benchmarks.bf16_accuracy`): COCO AP of each, and how closely bf16 reproduces float32's detections;
+`--int8-accuracy WEIGHTS --int8-model XML` does the same for the int8 OpenVINO model `cascade-rcnn quantize` made of
+those weights.
 
 `--processes` instead times predict sharded over processes as torchrun runs it (`cascade_rcnn.benchmarks.processes`):
 images per second of `--configurations` (PROCESSESxTHREADS; one process with two threads, two with one, one with one
@@ -58,7 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     parser.add_argument("--bf16-accuracy", metavar="WEIGHTS",
                         help="instead of timing: bf16 vs float32 accuracy of these weights on --images/--annotations")
-    parser.add_argument("--annotations", type=Path, metavar="JSON", help="COCO file of --images (--bf16-accuracy)")
+    parser.add_argument("--int8-accuracy", metavar="WEIGHTS",
+                        help="instead of timing: accuracy of --int8-model (quantized from these weights) vs float32")
+    parser.add_argument("--int8-model", type=Path, metavar="XML",
+                        help="the int8 OpenVINO model of --int8-accuracy's weights (cascade-rcnn quantize)")
+    parser.add_argument("--annotations", type=Path, metavar="JSON",
+                        help="COCO file of --images (--bf16-accuracy, --int8-accuracy)")
     train = parser.add_argument_group("training step (--train)")
     train.add_argument("--train", action="store_true", help="instead: time a training step beside torchvision's")
     train.add_argument("--train-data", type=Path, default=DEFAULT_IMAGES.parent,
@@ -88,8 +95,8 @@ def run(args: argparse.Namespace) -> int:
         from cascade_rcnn.benchmarks.processes import run_from_args
 
         return run_from_args(args)
-    if args.bf16_accuracy:
-        return run_bf16_accuracy(args)
+    if args.bf16_accuracy or args.int8_accuracy:
+        return run_accuracy(args)
     if args.train:
         return run_train(args)
     from cascade_rcnn.benchmarks.inference import CALIBRATION_IMAGE, BenchmarkSettings, report, run_benchmark
@@ -125,14 +132,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_bf16_accuracy(args: argparse.Namespace) -> int:
-    from cascade_rcnn.benchmarks.bf16_accuracy import compare_bf16, report_bf16
+def run_accuracy(args: argparse.Namespace) -> int:
+    from cascade_rcnn.benchmarks.bf16_accuracy import compare_bf16, compare_int8, report_accuracy
 
+    flag = "--bf16-accuracy" if args.bf16_accuracy else "--int8-accuracy"
     if args.annotations is None:
-        raise ConfigError("--bf16-accuracy needs --annotations (a COCO file of the --images folder)")
-    result = compare_bf16(args.bf16_accuracy, args.images, args.annotations, threads=args.threads,
-                          log=lambda line: print(line, file=sys.stderr, flush=True))  # fmt: skip
-    print(report_bf16(result))
+        raise ConfigError(f"{flag} needs --annotations (a COCO file of the --images folder)")
+    options = {"threads": args.threads, "log": lambda line: print(line, file=sys.stderr, flush=True)}
+    if args.bf16_accuracy:
+        result = compare_bf16(args.bf16_accuracy, args.images, args.annotations, **options)
+    elif args.int8_model is None:
+        raise ConfigError("--int8-accuracy needs --int8-model (the .xml that cascade-rcnn quantize wrote from them)")
+    else:
+        result = compare_int8(args.int8_accuracy, args.int8_model, args.images, args.annotations, **options)
+    print(report_accuracy(result))
     write_json(args.json, result)
     return 0
 
