@@ -84,7 +84,8 @@ def build_cascade(preset: str, size: tuple[int, int], overrides: dict[str, Any])
 
     config = get_preset(preset, **{"transform.min_size": size[0], "transform.max_size": size[1], **overrides})
     model = build_model(config)
-    model.channels_last = True  # as the trainer runs it on the CPU (train.memory_format = "auto")
+    # As the trainer runs it on the CPU (train.memory_format = "auto", train.fold_norms = true).
+    model.channels_last, model.backbone.fold_norms = True, True
     return model
 
 

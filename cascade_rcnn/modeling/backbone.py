@@ -78,6 +78,11 @@ class ResNetBackbone(nn.Module):
             # MSRA/detectron2 blocks downsample in the first 1x1 conv instead of the 3x3 conv.
             for layer in (self.layer2, self.layer3, self.layer4):
                 layer[0].conv1.stride, layer[0].conv2.stride = (2, 2), (1, 1)
+        # Each frozen batch norm folded into the convolution before it, in the forward (`conv_norm`): one pass over
+        # each map instead of two, forward and backward (a batch-2 800x1333 training step in 0.93x the time). The
+        # same computation up to float rounding, the parameters and their names unchanged; off by default, so
+        # `model(images, targets)` runs mmdetection's ops; the trainer sets it (`train.fold_norms`).
+        self.fold_norms = False
         frozen = [self.conv1, self.bn1] + [self.layer1, self.layer2, self.layer3, self.layer4][:frozen_stages]
         for module in frozen if frozen_stages >= 0 else []:
             for p in module.parameters():
@@ -90,7 +95,33 @@ class ResNetBackbone(nn.Module):
     def feature_maps(self, x: Tensor) -> Iterator[Tensor]:
         """C2, C3, C4, C5 one at a time: each stage runs when the next map is asked for, and this generator keeps
         no reference to a map it has handed out, so a consumer that lets go of C_k frees it (`FPN.forward`)."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        if self.fold_norms:
+            x = self.maxpool(F.relu(conv_norm(x, self.conv1, self.bn1), inplace=True))
+        else:
+            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
-            x = layer(x)
+            if self.fold_norms:
+                for block in layer:
+                    x = folded_bottleneck(block, x)
+            else:
+                x = layer(x)
             yield x
+
+
+def conv_norm(x: Tensor, conv: nn.Conv2d, norm: FrozenBatchNorm2d) -> Tensor:
+    """norm(conv(x)) as one convolution: the frozen statistics and affine folded into the weights and bias at each
+    call, so gradients reach the convolution's weights and the norm's affine weight and bias as they would unfolded."""
+    scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
+    shift = norm.bias - norm.running_mean * scale
+    if conv.bias is not None:
+        shift = shift + conv.bias * scale
+    return conv._conv_forward(x, conv.weight * scale.reshape(-1, 1, 1, 1), shift)
+
+
+def folded_bottleneck(block: Bottleneck, x: Tensor) -> Tensor:
+    """torchvision's `Bottleneck.forward` with every batch norm folded (`conv_norm`)."""
+    out = F.relu(conv_norm(x, block.conv1, block.bn1), inplace=True)
+    out = F.relu(conv_norm(out, block.conv2, block.bn2), inplace=True)
+    out = conv_norm(out, block.conv3, block.bn3)
+    identity = x if block.downsample is None else conv_norm(x, block.downsample[0], block.downsample[1])
+    return F.relu(out + identity, inplace=True)

@@ -137,6 +137,9 @@ class TrainConfig:
     # Layout of the training forward's maps: "auto" is channels-last (NHWC) on the CPU, where oneDNN runs the step in
     # about 0.77x the time of NCHW, and the default (NCHW) elsewhere. Only float rounding differs.
     memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
+    # Each frozen batch norm folded into the convolution before it, in the training forward (one pass over each map
+    # instead of two; about 0.93x the step time on the CPU). Only float rounding differs.
+    fold_norms: bool = True
     seed: int = 0
     device: str = "auto"  # "auto": cuda when available, else cpu
     output_dir: str = "work_dirs/cascade_rcnn"

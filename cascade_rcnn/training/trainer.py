@@ -203,6 +203,7 @@ class Trainer:
         self.model.to(self.device).train()
         self.model.channels_last = t.memory_format == "channels_last" or (
             t.memory_format == "auto" and self.device.type == "cpu")  # fmt: skip
+        self.model.backbone.fold_norms = t.fold_norms
         self.ddp_model: nn.Module = self.model
         if self.info.enabled:
             # Buffers (frozen batch norm statistics) never change in training: DDP syncs them once, at start, and
