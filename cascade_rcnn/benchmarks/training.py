@@ -165,7 +165,7 @@ def calibrated_models(s: TrainBenchmarkSettings) -> tuple[dict[str, Tensor], dic
 OP_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("convolution", ("conv", "mkldnn_convolution")),
     ("linear (matmul)", ("addmm", "aten::mm", "bmm", "matmul", "linear")),
-    ("RoIAlign", ("roi_align",)),
+    ("RoIAlign", ("roi_align", "embedding_bag")),  # ours on the CPU: embedding_bag sums (`roi_align_channels_last`)
     ("NMS", ("nms",)),
     ("batch norm (frozen) and activations", ("relu", "threshold", "batch_norm", "frozen")),
     ("upsample / pooling", ("upsample", "max_pool", "pool")),
