@@ -18,7 +18,6 @@ import torch
 from PIL import Image
 
 from cascade_rcnn.cli import build_parser, main
-from cascade_rcnn.commands import eval as eval_command
 from cascade_rcnn.commands import predict as predict_command
 from cascade_rcnn.config import COCO_CLASSES
 from cascade_rcnn.data.image_io import load_image
@@ -279,7 +278,7 @@ def test_eval_model_mode_with_oracle_scores_ap_one(
 ) -> None:  # fmt: skip
     annotations, dataset = small_set
     oracle = OracleDetector(dataset, VAL_IMAGES, class_names)
-    monkeypatch.setattr(eval_command, "load_detector", lambda weights, device, preset, bf16=False: oracle)
+    monkeypatch.setattr(predict_command, "load_detector", lambda weights, device, preset, bf16=False: oracle)
     out = tmp_path / "out"
 
     code = main(["eval", "--weights", "w", "--images", str(VAL_IMAGES), "--annotations", str(annotations),
@@ -303,7 +302,7 @@ def test_eval_per_stage_reports_each_stage_and_the_ensemble(
 ) -> None:
     annotations, dataset = small_set
     oracle = OracleDetector(dataset, VAL_IMAGES, COCO_CLASSES)
-    monkeypatch.setattr(eval_command, "load_detector", lambda weights, device, preset, bf16=False: oracle)
+    monkeypatch.setattr(predict_command, "load_detector", lambda weights, device, preset, bf16=False: oracle)
     out = tmp_path / "out"
 
     code = main(["eval", "--weights", "w", "--images", str(VAL_IMAGES), "--annotations", str(annotations),
@@ -335,7 +334,7 @@ def test_eval_unreadable_image_is_skipped_and_missing_one_is_an_error(
     broken_json = tmp_path / "with_broken.json"
     broken_json.write_text(json.dumps(with_broken))
     oracle = OracleDetector(dataset, images_dir, COCO_CLASSES)
-    monkeypatch.setattr(eval_command, "load_detector", lambda weights, device, preset, bf16=False: oracle)
+    monkeypatch.setattr(predict_command, "load_detector", lambda weights, device, preset, bf16=False: oracle)
 
     code = main(["eval", "--weights", "w", "--images", str(images_dir), "--annotations", str(broken_json),
                  "--out", str(tmp_path / "out")])  # fmt: skip

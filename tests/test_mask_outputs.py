@@ -25,7 +25,6 @@ from pycocotools.cocoeval import COCOeval
 
 from cascade_rcnn.api import Detector
 from cascade_rcnn.cli import main
-from cascade_rcnn.commands import eval as eval_command
 from cascade_rcnn.commands import predict as predict_command
 from cascade_rcnn.errors import DatasetError
 from cascade_rcnn.evaluation.coco import (
@@ -480,7 +479,7 @@ def test_eval_with_box_only_annotations_skips_segm_in_one_line(
 
     # Model mode says it before the model runs, and still scores the boxes.
     fake = FixedMaskDetector()
-    monkeypatch.setattr(eval_command, "load_detector", lambda weights, device, preset, bf16=False: fake)
+    monkeypatch.setattr(predict_command, "load_detector", lambda weights, device, preset, bf16=False: fake)
     code = main(["eval", "--weights", "w", "--images", str(images_dir), "--annotations", str(annotations),
                  "--out", str(tmp_path / "model")])  # fmt: skip
     assert code == 0

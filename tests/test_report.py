@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from cascade_rcnn.cli import main
-from cascade_rcnn.commands import eval as eval_command
+from cascade_rcnn.commands import predict as predict_command
 from cascade_rcnn.evaluation.coco import METRIC_NAMES, evaluate_coco, load_coco_gt
 from cascade_rcnn.evaluation.confusion import DEFAULT_SCORE_THRESHOLD, confusion_matrix
 from cascade_rcnn.evaluation.report import fmt
@@ -181,7 +181,7 @@ def test_eval_report_from_a_model_shows_each_stage(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     planted = write_planted_set(tmp_path / "set")
-    monkeypatch.setattr(eval_command, "load_detector", lambda weights, device, preset, bf16=False: PlantedDetector())
+    monkeypatch.setattr(predict_command, "load_detector", lambda weights, device, preset, bf16=False: PlantedDetector())
     out = tmp_path / "out"
 
     code, printed, _ = _run_eval(["--weights", "w", "--images", str(planted.images), "--annotations",
@@ -202,7 +202,7 @@ def test_eval_report_of_a_mask_model_covers_segm(
 ) -> None:
     planted = write_planted_set(tmp_path / "set")
     detector = PlantedDetector(masks=True)
-    monkeypatch.setattr(eval_command, "load_detector", lambda weights, device, preset, bf16=False: detector)
+    monkeypatch.setattr(predict_command, "load_detector", lambda weights, device, preset, bf16=False: detector)
     out = tmp_path / "out"
 
     code, _, _ = _run_eval(["--weights", "w", "--images", str(planted.images), "--annotations",
