@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from cascade_rcnn.cli import main
-from cascade_rcnn.commands import eval as eval_command
+from cascade_rcnn.commands import predict as predict_command
 from cascade_rcnn.evaluation.coco import METRIC_NAMES
 from cascade_rcnn.evaluation.report import fmt
 from tests.report_fixtures import PlantedDetector, write_planted_set
@@ -106,7 +106,7 @@ def mask_model_report(tmp_path_factory: pytest.TempPathFactory) -> Path:
     planted = write_planted_set(root / "set")
     out = root / "out"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(eval_command, "load_detector",
+        patch.setattr(predict_command, "load_detector",
                       lambda weights, device, preset, bf16=False: PlantedDetector(masks=True))  # fmt: skip
         code = main(["eval", "--weights", "w", "--images", str(planted.images), "--annotations",
                      str(planted.annotations), "--out", str(out), "--report"])  # fmt: skip
