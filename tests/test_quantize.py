@@ -67,9 +67,12 @@ def test_quantize_command(tmp_path: Path) -> None:
     # accuracy is measured on trained weights (README "int8 on CPUs").
     assert len(out) == len(ref) == 100 and torch.isfinite(out.boxes).all() and torch.isfinite(out.scores).all()
     assert out.boxes.dtype == torch.float32 and (out.boxes[:, 2:] >= out.boxes[:, :2]).all()
-    # Inside the image (OpenVINO's rescale can land one float32 ulp past the border; the backend clamps it).
+    # Inside the image, up to float32 rounding: OpenVINO's rescale (fp32 and int8 IR alike) can land one ulp past the
+    # border, 640.00006 on a 640 px image, where PyTorch and ONNX Runtime give 640.0. Not clamped: the seed's preset
+    # keeps boxes past the image, as MindSpore does.
     height, width = to_tensor_image(image).shape[-2:]
-    assert (out.boxes >= 0).all() and (out.boxes[:, 0::2] <= width).all() and (out.boxes[:, 1::2] <= height).all()
+    assert (out.boxes >= 0).all() and (out.boxes[:, 0::2] <= width + 1e-3).all()
+    assert (out.boxes[:, 1::2] <= height + 1e-3).all()
 
 
 @pytest.fixture(scope="module")

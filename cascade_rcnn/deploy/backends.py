@@ -55,11 +55,6 @@ class OnnxModel:
         batch, feeds = self.feeds(images)
         outputs = tuple(torch.from_numpy(x) for x in self.session.run(None, feeds))
         results = split_by_image(outputs[:4], len(images))
-        for det, (h, w) in zip(results, batch.original_sizes):
-            # OpenVINO's float32 rescale can land one ulp past the border (640.00006 on a 640 px image, fp32 and int8
-            # IR alike); PyTorch's and ONNX Runtime's never do, so this changes nothing there.
-            det.boxes[:, 0::2].clamp_(0, w)
-            det.boxes[:, 1::2].clamp_(0, h)
         if self.mask_threshold is not None:
             paste_per_image(results, outputs[4], batch.original_sizes, self.mask_threshold)
         return results
