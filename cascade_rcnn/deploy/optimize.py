@@ -28,6 +28,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from cascade_rcnn.modeling.backbone import conv_norm, folded_weights
+
 
 def fold_batch_norm(module: nn.Module, lazy: bool = False) -> nn.Module:
     """Fold every FrozenBatchNorm2d that directly follows a convolution into it, in place; returns `module`.
@@ -55,16 +57,6 @@ def fold_batch_norm(module: nn.Module, lazy: bool = False) -> nn.Module:
     return module
 
 
-def folded_weights(conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> tuple[Tensor, Tensor]:
-    """Weight and bias of the one convolution that computes bn(conv(x))."""
-    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
-    bias = bn.bias - bn.running_mean * scale
-    if conv.bias is not None:
-        bias = bias + conv.bias * scale
-    dtype = conv.weight.dtype
-    return conv.weight * scale.reshape(-1, 1, 1, 1).to(dtype), bias.to(dtype)
-
-
 class FoldedConv(nn.Module):
     """bn(conv(x)) as one convolution whose folded weights are computed at each call from `conv` and `bn`'s own
     tensors: no copy of the weights is kept, and changes to them are followed."""
@@ -74,8 +66,7 @@ class FoldedConv(nn.Module):
         self.conv, self.bn = conv, bn
 
     def forward(self, x: Tensor) -> Tensor:
-        weight, bias = folded_weights(self.conv, self.bn)
-        return self.conv._conv_forward(x, weight, bias)
+        return conv_norm(x, self.conv, self.bn)
 
 
 class ChannelsLast(nn.Module):

@@ -108,14 +108,21 @@ class ResNetBackbone(nn.Module):
             yield x
 
 
+def folded_weights(conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> tuple[Tensor, Tensor]:
+    """Weight and bias of the one convolution that computes bn(conv(x)): conv(x, w * s) + (b - mean * s) with
+    s = gamma / sqrt(var + eps)."""
+    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+    bias = bn.bias - bn.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    dtype = conv.weight.dtype
+    return conv.weight * scale.reshape(-1, 1, 1, 1).to(dtype), bias.to(dtype)
+
+
 def conv_norm(x: Tensor, conv: nn.Conv2d, norm: FrozenBatchNorm2d) -> Tensor:
     """norm(conv(x)) as one convolution: the frozen statistics and affine folded into the weights and bias at each
     call, so gradients reach the convolution's weights and the norm's affine weight and bias as they would unfolded."""
-    scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
-    shift = norm.bias - norm.running_mean * scale
-    if conv.bias is not None:
-        shift = shift + conv.bias * scale
-    return conv._conv_forward(x, conv.weight * scale.reshape(-1, 1, 1, 1), shift)
+    return conv._conv_forward(x, *folded_weights(conv, norm))
 
 
 def folded_bottleneck(block: Bottleneck, x: Tensor) -> Tensor:
