@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import json
 import tempfile
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -52,7 +52,7 @@ class OnnxModel:
     def predict(self, images: list[Tensor], return_stages: bool = False) -> list[Detections]:
         if return_stages:
             raise CascadeRCNNError("per-stage detections need the PyTorch backend (the graph returns the final ones)")
-        batch, feeds = self.feeds(images)
+        batch, feeds = graph_feeds(self.transform, images, {i.name for i in self.session.get_inputs()})
         outputs = tuple(torch.from_numpy(x) for x in self.session.run(None, feeds))
         results = split_by_image(outputs[:4], len(images))
         if self.mask_threshold is not None:
@@ -60,13 +60,15 @@ class OnnxModel:
         return results
 
 
-    def feeds(self, images: list[Tensor]) -> tuple[Any, dict[str, np.ndarray]]:
-        """The transformed batch (`ImageBatch`) and the graph's inputs made from it, by name."""
-        batch, _ = self.transform([img.cpu() for img in images])
-        names = ("images", "image_sizes", "scale_factors", "original_sizes")
-        feeds = {name: t.contiguous().numpy() for name, t in zip(names, batch.as_tensors())}
-        wanted = {i.name for i in self.session.get_inputs()}  # original_sizes: only graphs that rescale after NMS
-        return batch, {name: value for name, value in feeds.items() if name in wanted}
+def graph_feeds(
+    transform: torch.nn.Module, images: list[Tensor], input_names: set[str]
+) -> tuple[Any, dict[str, np.ndarray]]:
+    """`images` through the model's `transform` into one batch (`ImageBatch`), and the exported graph's inputs made
+    from it: those of `input_names` (original_sizes: only graphs that rescale after NMS), as numpy arrays."""
+    batch, _ = transform([img.cpu() for img in images])
+    names = ("images", "image_sizes", "scale_factors", "original_sizes")
+    feeds = {name: t.contiguous().numpy() for name, t in zip(names, batch.as_tensors())}
+    return batch, {name: value for name, value in feeds.items() if name in input_names}
 
 
 class OnnxDetector(Detector):

@@ -27,7 +27,7 @@ from torch import nn
 
 from cascade_rcnn.api import to_tensor_image
 from cascade_rcnn.deploy.extras import require
-from cascade_rcnn.deploy.openvino import OpenVinoSession, onnx_metadata, save_ir
+from cascade_rcnn.deploy.openvino import onnx_metadata, save_ir
 from cascade_rcnn.errors import CascadeRCNNError
 
 # Kept in float32 (OpenVINO op types): box and score arithmetic, RoIAlign's sampling and the post-processing. NNCF
@@ -57,7 +57,7 @@ def quantize_openvino(
     `calibration_images` (image files, run one at a time through the model's own `Transform`)."""
     ov = require("openvino", extra="int8", what="int8 quantization")
     nncf = require("nncf", extra="int8", what="int8 quantization")
-    from cascade_rcnn.deploy.backends import OnnxModel
+    from cascade_rcnn.deploy.backends import graph_feeds
     from cascade_rcnn.deploy.onnx_export import export_onnx
 
     path = Path(path)
@@ -71,9 +71,8 @@ def quantize_openvino(
         metadata = onnx_metadata(onnx_path)
         ov_model = ov.convert_model(str(onnx_path))
     # The feeds as the backend makes them: the same Transform, one image per batch.
-    core = ov.Core()
-    inputs = OnnxModel(OpenVinoSession(core.compile_model(ov_model, "CPU")), model.transform)
-    feeds = [inputs.feeds([to_tensor_image(p)])[1] for p in calibration_images]
+    input_names = {port.get_any_name() for port in ov_model.inputs}
+    feeds = [graph_feeds(model.transform, [to_tensor_image(p)], input_names)[1] for p in calibration_images]
     log(f"calibrating on {len(feeds)} images ...")
     logging.getLogger("nncf").setLevel(logging.WARNING)  # not a line per node it leaves in float32
     quantized = nncf.quantize(
