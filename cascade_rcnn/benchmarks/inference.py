@@ -293,13 +293,12 @@ def run_benchmark(settings: BenchmarkSettings, log: Callable[[str], None] = prin
         onnx_path = export_onnx(fp32.model, work / "model.onnx", config=fp32.config, preset=s.preset)
         runners["onnxruntime"] = OnnxDetector(onnx_path, threads=s.threads).predict
     ir_paths = {}
-    if s.openvino:
+    if s.openvino or s.int8:
         from cascade_rcnn.deploy.openvino import OpenVinoDetector, export_openvino
-
+    if s.openvino:
         log("exporting to OpenVINO ...")
         ir_paths["openvino_fp32"] = export_openvino(fp32.model, work / "fp32.xml", config=fp32.config, preset=s.preset)
     if s.int8:
-        from cascade_rcnn.deploy.openvino import OpenVinoDetector
         from cascade_rcnn.deploy.quantize import quantize_openvino
 
         log("quantizing to int8 (OpenVINO + NNCF) ...")

@@ -143,12 +143,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
-    from cascade_rcnn.commands.predict import IMAGE_EXTENSIONS
+    from cascade_rcnn.commands.predict import images_in
     from cascade_rcnn.errors import ConfigError
 
     if not args.images.is_dir():
         raise ConfigError(f"--images: {args.images} is not a folder")
-    images = sorted(p for p in args.images.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)[: args.num_images]
+    images = images_in(args.images)[: args.num_images]
     if not images:
         raise ConfigError(f"--images: no images in {args.images}")
     try:

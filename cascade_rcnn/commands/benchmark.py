@@ -100,12 +100,12 @@ def run(args: argparse.Namespace) -> int:
     if args.train:
         return run_train(args)
     from cascade_rcnn.benchmarks.inference import CALIBRATION_IMAGE, BenchmarkSettings, report, run_benchmark
-    from cascade_rcnn.commands.predict import IMAGE_EXTENSIONS
+    from cascade_rcnn.commands.predict import images_in
 
     min_size, max_size = parse_size(args.size)
     if not args.images.is_dir():
         raise ConfigError(f"--images: {args.images} is not a folder (coco128's val2017 is the default)")
-    files = sorted(p for p in args.images.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = images_in(args.images)
     calibration = next((p for p in files if p.name == CALIBRATION_IMAGE), files[-1] if files else None)
     timed = [p for p in files if p != calibration][: args.num_images]
     if not timed:

@@ -177,7 +177,7 @@ def _run_model(args: argparse.Namespace, out_dir: Path, write_extras: bool = Tru
     max_pixels = inference_options.max_pixels(args)
     # Tiling and TTA go image by image (`--batch-size`: slices or views per pass): one large image in memory at a time.
     augment = {"tile": tile, "tta": tta, "progress": True} if tile is not None or tta is not None else {}
-    if args.per_stage and getattr(args, "backend", "torch") != "torch":
+    if args.per_stage and args.backend != "torch":
         raise ConfigError(f"--per-stage: the {args.backend} graph returns the final detections only; use the torch "
                           "backend for each stage's output")  # fmt: skip
     detector = load_for_backend(args, shards.device)

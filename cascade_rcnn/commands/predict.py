@@ -191,6 +191,11 @@ class InputImage:
     mask_name: str  # base name under OUT/masks (--save-masks): output_name's stem + .png, unique as well
 
 
+def images_in(folder: Path) -> list[Path]:
+    """The image files (`IMAGE_EXTENSIONS`) directly in `folder`, in name order."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
 def collect_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[str]]:
     """Expand files, folders and globs into image paths, in the order given (folder contents and glob matches
     sorted); the same file reached twice is kept once. Returns `(paths, problems)`, one problem per input that
@@ -206,7 +211,7 @@ def collect_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[str]]:
             problems.append(f"{item[:80]}...: {error.strerror}")
             continue
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            found = images_in(path)
             if not found:
                 problems.append(f"{item}: folder has no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
         elif path.exists():

@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     require("openvino", extra="int8", what="cascade-rcnn quantize")
     require("nncf", extra="int8", what="cascade-rcnn quantize")
     from cascade_rcnn.api import Detector
-    from cascade_rcnn.commands.predict import IMAGE_EXTENSIONS
+    from cascade_rcnn.commands.predict import images_in
     from cascade_rcnn.deploy.quantize import quantize_openvino
 
     if args.output.suffix.lower() != ".xml":
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--calib-images: {args.calib_images} is not a folder")
     if args.num_images < 1:
         raise ConfigError(f"--num-images: need at least 1, got {args.num_images}")
-    images = sorted(p for p in args.calib_images.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)[: args.num_images]
+    images = images_in(args.calib_images)[: args.num_images]
     if not images:
         raise ConfigError(f"--calib-images: no images in {args.calib_images}")
     detector = Detector.from_weights(args.weights, preset=args.preset, optimize=False)
