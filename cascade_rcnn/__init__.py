@@ -1,19 +1,36 @@
-"""Cascade R-CNN object detection in plain PyTorch."""
+"""Cascade R-CNN object detection in plain PyTorch.
 
-from cascade_rcnn.api import Detector
-from cascade_rcnn.config import PRESETS, ModelConfig, cascade_rcnn_r50_fpn, cascade_rcnn_r101_fpn, get_preset
-from cascade_rcnn.modeling.detector import CascadeRCNN, build_model
-from cascade_rcnn.structures import Detections
+The names below are imported on first use, so that `import cascade_rcnn.<module>` of a torch-free module (the input
+convention `cascade_rcnn.preprocess`, the runtime `cascade_rcnn.deploy.lean`, the data readers) does not import torch.
+"""
 
-__all__ = [
-    "PRESETS",
-    "CascadeRCNN",
-    "Detections",
-    "Detector",
-    "ModelConfig",
-    "build_model",
-    "cascade_rcnn_r50_fpn",
-    "cascade_rcnn_r101_fpn",
-    "get_preset",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Detector": "cascade_rcnn.api",
+    "PRESETS": "cascade_rcnn.config",
+    "ModelConfig": "cascade_rcnn.config",
+    "cascade_rcnn_r50_fpn": "cascade_rcnn.config",
+    "cascade_rcnn_r101_fpn": "cascade_rcnn.config",
+    "get_preset": "cascade_rcnn.config",
+    "CascadeRCNN": "cascade_rcnn.modeling.detector",
+    "build_model": "cascade_rcnn.modeling.detector",
+    "Detections": "cascade_rcnn.structures",
+}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'cascade_rcnn' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups find it without this hook
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -19,7 +19,7 @@ from PIL import Image
 from torch import Tensor
 
 from cascade_rcnn.config import ModelConfig, get_preset
-from cascade_rcnn.data.image_io import load_image, to_rgb
+from cascade_rcnn.data.image_io import as_rgb_array
 from cascade_rcnn.errors import CascadeRCNNError, CheckpointError
 from cascade_rcnn.inference import TileConfig, TTAConfig, load_pixels, predict_augmented
 from cascade_rcnn.io.weights import (
@@ -182,21 +182,11 @@ class Detector:
 
 def to_tensor_image(image: ImageInput) -> Tensor:
     """Any supported image input -> (3, H, W) float32 RGB tensor in 0-255. Inputs are never modified."""
-    if isinstance(image, (str, Path)):
-        image = load_image(image)
-    if isinstance(image, Image.Image):
-        image = np.asarray(to_rgb(image))
-    if isinstance(image, np.ndarray):
-        if image.ndim == 2:
-            image = np.repeat(image[:, :, None], 3, axis=2)
-        if image.ndim != 3 or image.shape[2] not in (3, 4):
-            raise CascadeRCNNError(f"expected an (H, W, 3) image array, got shape {image.shape}")
-        return torch.from_numpy(np.ascontiguousarray(image[:, :, :3], dtype=np.float32)).permute(2, 0, 1)
     if isinstance(image, Tensor):
         if image.dim() != 3 or image.shape[0] != 3:
             raise CascadeRCNNError(f"expected a (3, H, W) image tensor, got shape {tuple(image.shape)}")
         return image.float()  # .float() copies integer tensors; float32 inputs are read, never written
-    raise CascadeRCNNError(f"unsupported image input of type {type(image).__name__}")
+    return torch.from_numpy(np.ascontiguousarray(as_rgb_array(image), dtype=np.float32)).permute(2, 0, 1)
 
 
 def resolve_weights(weights: str | Path) -> Path:

@@ -148,6 +148,27 @@ def image_size(path: str | Path) -> tuple[int, int]:
         raise ImageReadError(f"{path}: cannot read image header ({type(error).__name__}: {error})") from None
 
 
+def as_rgb_array(image: str | Path | Image.Image | np.ndarray) -> np.ndarray:
+    """An image file, a Pillow image or an array -> (H, W, 3) RGB array, 0-255 (files and Pillow images uint8 via
+    `load_image` / `to_rgb`; an array keeps its dtype: (H, W) grey is repeated, a fourth channel dropped). Inputs are
+    never modified.
+
+    Raises:
+        ImageReadError: an unreadable file, or an array that is not an image (the message gives its shape).
+    """
+    if isinstance(image, (str, Path)):
+        return load_image(image)
+    if isinstance(image, Image.Image):
+        return np.asarray(to_rgb(image))
+    if isinstance(image, np.ndarray):
+        if image.ndim == 2:
+            image = np.repeat(image[:, :, None], 3, axis=2)
+        if image.ndim != 3 or image.shape[2] not in (3, 4):
+            raise ImageReadError(f"expected an (H, W, 3) image array, got shape {image.shape}")
+        return image[:, :, :3]
+    raise ImageReadError(f"unsupported image input of type {type(image).__name__}")
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any Pillow mode (1, L, P, RGBA, LA, CMYK, YCbCr, I;16, I, F, ...) to 8-bit RGB.
 

@@ -28,19 +28,8 @@ from cascade_rcnn.modeling.matcher import Matcher
 from cascade_rcnn.modeling.postprocess import PostProcessor
 from cascade_rcnn.modeling.roi_align import MultiScaleRoIAlign
 from cascade_rcnn.modeling.rpn import RegionProposalNetwork, RPNHead
-from cascade_rcnn.modeling.transform import (
-    FixedCanvas,
-    ImageBatch,
-    KeepRatioResize,
-    PadToMultiple,
-    SecondRescale,
-    ShortestEdgeResize,
-    Transform,
-    per_axis_factors,
-    resize_bilinear_cv2,
-    resize_bilinear_pil,
-    scalar_factors,
-)
+from cascade_rcnn.modeling.transform import ImageBatch, Transform, resize_bilinear_cv2, resize_bilinear_pil
+from cascade_rcnn.preprocess import input_convention
 from cascade_rcnn.structures import Detections
 
 
@@ -291,18 +280,15 @@ def build_box_coder(cfg: ModelConfig, *, stds: tuple[float, float, float, float]
 
 
 def build_transform(cfg: ModelConfig) -> Transform:
-    """The input transform `cfg` describes (what `build_model` gives the model; ONNX backends use it alone)."""
-    t = cfg.transform
-    rule_class = ShortestEdgeResize if t.resize_rule == "shortest_edge" else KeepRatioResize
-    resize = rule_class(min_size=t.min_size, max_size=t.max_size)
-    options = {"pad_before_normalize": t.pad_before_normalize, "clip_to_canvas": t.clip_to == "canvas"}
-    canvas = PadToMultiple(t.size_divisible, **options) if t.pad_to is None else FixedCanvas(t.pad_to, **options)
+    """The input transform `cfg` describes (what `build_model` gives the model; ONNX backends use it alone): the
+    convention `input_convention` reads from the config, with its pixel resize on tensors."""
+    c = input_convention(cfg.transform)
     return Transform(
-        resize=SecondRescale(resize) if t.second_rescale else resize,
-        resize_pixels=resize_bilinear_pil if t.resize_method == "pil_bilinear" else resize_bilinear_cv2,
-        canvas=canvas,
-        box_factors=scalar_factors if t.box_scale == "scalar" else per_axis_factors,
-        pixel_mean=t.pixel_mean,
-        pixel_std=t.pixel_std,
-        channels=(2, 1, 0) if t.channel_order == "bgr" else (0, 1, 2),
+        resize=c.resize,
+        resize_pixels={"cv2_bilinear": resize_bilinear_cv2, "pil_bilinear": resize_bilinear_pil}[c.resize_method],
+        canvas=c.canvas,
+        box_factors=c.box_factors,
+        pixel_mean=c.pixel_mean,
+        pixel_std=c.pixel_std,
+        channels=c.channels,
     )
