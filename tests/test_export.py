@@ -121,6 +121,17 @@ def test_onnxruntime_matches_pytorch(agnostic: tuple[Detector, Path]) -> None:
 
 
 @needs_coco128
+def test_lean_runtime_matches_the_onnxruntime_detector(agnostic: tuple[Detector, Path]) -> None:
+    from cascade_rcnn.deploy.backends import OnnxDetector
+    from cascade_rcnn.deploy.lean import LeanDetector
+    from test_lean import assert_lean_equals
+
+    _, onnx_path = agnostic
+    paths = [VAL / name for name in IMAGES]
+    assert_lean_equals(LeanDetector(onnx_path, threads=2), OnnxDetector(onnx_path, threads=2), paths)
+
+
+@needs_coco128
 def test_dynamic_batch_and_size_equal_eager_graph(agnostic: tuple[Detector, Path]) -> None:
     """At a batch size and image size other than the traced ones (where a level has fewer anchors than the top-k),
     ONNX Runtime gives what the graph's PyTorch form gives, and that form equals `CascadeRCNN.predict_batch` exactly."""

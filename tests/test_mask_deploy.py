@@ -22,6 +22,7 @@ from torchvision.ops import box_iou
 from cascade_rcnn.api import Detector
 from cascade_rcnn.benchmarks.calibrated_weights import calibrate_cascade
 from cascade_rcnn.deploy.optimize import MASK_ROIS_PER_CHUNK, BFloat16, RoIChunks, optimize_for_inference
+from cascade_rcnn.errors import CascadeRCNNError
 from cascade_rcnn.modeling.masks import paste_masks
 from cascade_rcnn.structures import Detections
 
@@ -125,6 +126,11 @@ def test_mask_graph_contract(exported: tuple[Detector, Path]) -> None:
     meta = {p.key: p.value for p in model.metadata_props}
     assert float(meta["mask_threshold"]) == det.model.mask_threshold == 0.5
     assert json.loads(meta["cascade_rcnn_config"])["mask"]["heads"] == det.config.mask.heads
+    # The torch-free runtime cannot paste masks: it says which detector can.
+    from cascade_rcnn.deploy.lean import LeanDetector
+
+    with pytest.raises(CascadeRCNNError, match="mask model's graph.*OnnxDetector"):
+        LeanDetector(path)
 
 
 def test_onnxruntime_masks_equal_eager_and_a_raw_paste(exported: tuple[Detector, Path]) -> None:

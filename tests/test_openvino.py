@@ -15,6 +15,7 @@ from cascade_rcnn.errors import CascadeRCNNError
 pytest.importorskip("openvino", reason="the openvino extra is not installed: pip install 'cascade-rcnn[openvino]'")
 pytest.importorskip("onnx", reason="OpenVINO export goes through the ONNX export: pip install 'cascade-rcnn[onnx]'")
 
+from test_lean import assert_lean_equals
 from test_export import (
     IMAGES,
     VAL,
@@ -48,6 +49,17 @@ def test_openvino_matches_pytorch(exported: tuple[Detector, Path, Path]) -> None
     # Two images of equal padded size run as one batch of 2 in the graph.
     pair = [VAL / "000000000139.jpg", VAL / "000000000785.jpg"]
     assert_same_detections(det.predict(pair, batch_size=2), ov.predict(pair, batch_size=2))
+
+
+@needs_coco128
+def test_lean_runtime_matches_the_openvino_detector(exported: tuple[Detector, Path, Path]) -> None:
+    from cascade_rcnn.deploy.lean import LeanDetector
+    from cascade_rcnn.deploy.openvino import OpenVinoDetector
+
+    _, _, xml = exported
+    lean = LeanDetector(xml, threads=2)
+    assert lean.quantization == "fp32" and lean.class_names == OpenVinoDetector(xml).class_names
+    assert_lean_equals(lean, OpenVinoDetector(xml, threads=2), [VAL / name for name in IMAGES])
 
 
 @needs_coco128

@@ -15,9 +15,7 @@ with the model's own `paste_masks` and the threshold stored in the file, as `Cas
 
 from __future__ import annotations
 
-import json
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +24,7 @@ import torch
 from torch import Tensor
 
 from cascade_rcnn.api import Detector
-from cascade_rcnn.config import config_from_dict
-from cascade_rcnn.deploy.extras import require
-from cascade_rcnn.deploy.onnx_export import MASK_OUTPUT
+from cascade_rcnn.deploy.lean import MASK_OUTPUT, Meta, graph_config, read_onnx
 from cascade_rcnn.errors import CascadeRCNNError
 from cascade_rcnn.modeling.detector import build_transform, split_by_image
 from cascade_rcnn.modeling.masks import paste_per_image
@@ -80,22 +76,8 @@ class OnnxDetector(Detector):
     """
 
     def __init__(self, path: str | Path, *, threads: int | None = None) -> None:
-        onnxruntime = require("onnxruntime", extra="onnx", what="the onnxruntime backend")
-        path = Path(path)
-        if not path.is_file():
-            raise CascadeRCNNError(f"{path}: no such ONNX file")
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-        try:
-            session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as error:  # noqa: BLE001 (onnxruntime's errors derive from Exception only)
-            raise CascadeRCNNError(f"{path}: not a readable ONNX model ({error})") from None
-        metadata = session.get_modelmeta().custom_metadata_map
-        if "cascade_rcnn_config" not in metadata:
-            raise CascadeRCNNError(f"{path}: not exported by `cascade-rcnn export` (no cascade_rcnn_config metadata)")
-        attach_graph(self, path, session, metadata.get, [o.name for o in session.get_outputs()])
+        session, meta, output_names = read_onnx(path, threads or torch.get_num_threads())
+        attach_graph(self, Path(path), session, meta, output_names)
 
     @property
     def inference_model(self) -> OnnxModel:  # type: ignore[override]
@@ -106,12 +88,12 @@ class OnnxDetector(Detector):
 
 
 def attach_graph(
-    detector: Detector, path: Path, session: Any, meta: Callable[[str], str | None], output_names: list[str]
+    detector: Detector, path: Path, session: Any, meta: Meta, output_names: list[str]
 ) -> None:
     """Make `detector` (a `Detector` whose __init__ was not called) run an exported graph: its config and preset from
     the graph's metadata (`meta(key)`, None when absent; the config is known to be there), its `OnnxModel` over
     `session`, and for a mask graph (a `mask_probs` output) the threshold it pastes at."""
-    detector.config = config_from_dict(json.loads(meta("cascade_rcnn_config")))
+    detector.config = graph_config(meta)
     detector.preset = meta("cascade_rcnn_preset") or "cascade_rcnn_r50_fpn"
     detector.device = torch.device("cpu")
     mask_threshold = None

@@ -48,12 +48,12 @@ import torch
 from torch import Tensor, nn
 
 from cascade_rcnn.config import config_to_dict
+from cascade_rcnn.deploy.lean import MASK_OUTPUT
 from cascade_rcnn.errors import CascadeRCNNError
 
 OPSET = 17  # RoiAlign's half-pixel mode (aligned=True) needs opset >= 16
 INPUT_NAMES = ["images", "image_sizes", "scale_factors"]
 OUTPUT_NAMES = ["boxes", "scores", "labels", "batch_index"]
-MASK_OUTPUT = "mask_probs"  # the fifth output of a mask model's graph
 
 
 class ExportError(CascadeRCNNError):

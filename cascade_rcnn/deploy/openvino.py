@@ -8,8 +8,8 @@ OpenVINO's CPU plugin, float32 or int8 (`cascade_rcnn.deploy.quantize`).
 The IR is the ONNX graph as `openvino.convert_model` reads it: the same inputs and outputs, the same metadata (kept in
 the IR's rt_info under `cascade_rcnn`). `OpenVinoDetector` runs it through the ONNX backend's own `OnnxModel` (the
 project's `Transform` outside the graph, `split_by_image`, and `paste_per_image` for mask models), so nothing of the
-detection flow is written again here. Float32 is asked for explicitly (`INFERENCE_PRECISION_HINT`): OpenVINO would
-otherwise run float32 IR in bf16 on CPUs with AMX.
+detection flow is written again here; `cascade_rcnn.deploy.lean` reads and compiles the IR (float32 asked for
+explicitly: OpenVINO would otherwise run float32 IR in bf16 on CPUs with AMX), and runs it without torch.
 """
 
 from __future__ import annotations
@@ -18,17 +18,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from cascade_rcnn.api import Detector
 from cascade_rcnn.deploy.backends import OnnxModel, attach_graph
 from cascade_rcnn.deploy.extras import require
+from cascade_rcnn.deploy.lean import RT_INFO_KEY, read_openvino
 from cascade_rcnn.deploy.onnx_export import export_onnx
 from cascade_rcnn.errors import CascadeRCNNError
 
-RT_INFO_KEY = "cascade_rcnn"  # the IR's rt_info section holding the ONNX file's metadata
 
 
 def _openvino(what: str) -> Any:
@@ -66,22 +65,6 @@ def export_openvino(
         return save_ir(ov_model, path, onnx_metadata(onnx_path))
 
 
-class OpenVinoSession:
-    """A compiled OpenVINO model behind the two calls `OnnxModel` makes of an ONNX Runtime session."""
-
-    def __init__(self, compiled: Any) -> None:
-        self.compiled = compiled
-        self.request = compiled.create_infer_request()
-
-    def get_inputs(self) -> list[Any]:
-        return [type("Input", (), {"name": port.get_any_name()})() for port in self.compiled.inputs]
-
-    def run(self, output_names: None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        results = self.request.infer(feeds)
-        # Copies: the request reuses its output buffers at the next call.
-        return [np.array(results[port]) for port in self.compiled.outputs]
-
-
 class OpenVinoDetector(Detector):
     """A `Detector` whose model is OpenVINO IR written by `export_openvino` or `quantize_openvino`, run on the CPU.
 
@@ -89,31 +72,9 @@ class OpenVinoDetector(Detector):
     intra-op thread count). Detector.__init__ is not called: there is no PyTorch model."""
 
     def __init__(self, path: str | Path, *, threads: int | None = None) -> None:
-        ov = _openvino("the openvino backend")
-        path = Path(path)
-        if not path.is_file():
-            raise CascadeRCNNError(f"{path}: no such OpenVINO model (.xml)")
-        core = ov.Core()
-        try:
-            ov_model = core.read_model(str(path))
-        except Exception as error:  # noqa: BLE001 (OpenVINO raises RuntimeError and its own types)
-            raise CascadeRCNNError(f"{path}: not a readable OpenVINO model ({error})") from None
-        if not ov_model.has_rt_info([RT_INFO_KEY, "cascade_rcnn_config"]):
-            raise CascadeRCNNError(f"{path}: not exported by `cascade-rcnn export` (no cascade_rcnn_config)")
-
-        def meta(key: str) -> str | None:
-            if not ov_model.has_rt_info([RT_INFO_KEY, key]):
-                return None
-            return ov_model.get_rt_info([RT_INFO_KEY, key]).astype(str)
-
+        session, meta, output_names = read_openvino(path, threads or torch.get_num_threads())
         self.quantization = meta("quantization") or "fp32"
-        compiled = core.compile_model(ov_model, "CPU", {
-            "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
-            "INFERENCE_PRECISION_HINT": "f32",  # int8 IR still runs its quantized layers in int8
-            "PERFORMANCE_HINT": "LATENCY",
-        })  # fmt: skip
-        output_names = [name for port in ov_model.outputs for name in port.get_names()]
-        attach_graph(self, path, OpenVinoSession(compiled), meta, output_names)
+        attach_graph(self, Path(path), session, meta, output_names)
 
     @property
     def inference_model(self) -> OnnxModel:  # type: ignore[override]
