@@ -63,6 +63,18 @@ def test_lean_runtime_matches_the_openvino_detector(exported: tuple[Detector, Pa
 
 
 @needs_coco128
+def test_the_benchmarks_lean_memory_child_holds_no_torch(exported: tuple[Detector, Path, Path]) -> None:
+    """`benchmark`'s int8 memory figure comes from this child: numpy + OpenVINO imported take a fraction of what
+    torch alone does (~500 MB), and the model's peak comes on top."""
+    from cascade_rcnn.benchmarks.memory import peak_rss_in_child
+
+    _, _, xml = exported
+    peak, runtime = peak_rss_in_child("cascade_rcnn.benchmarks.memory", f"lean_peak_rss({str(xml)!r}, "
+                                      f"{str(VAL / IMAGES[0])!r}, 2)")  # fmt: skip
+    assert 0 < runtime < 250 < peak, (runtime, peak)
+
+
+@needs_coco128
 def test_predict_command_with_openvino_backend(exported: tuple[Detector, Path, Path], tmp_path: Path) -> None:
     from cascade_rcnn.deploy.backends import load_backend
     from cascade_rcnn.deploy.openvino import OpenVinoDetector

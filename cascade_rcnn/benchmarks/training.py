@@ -215,10 +215,10 @@ def profile_step(step: Callable[[], object]) -> dict[str, Any]:
 def peak_rss_child(kind: str, weights: str, settings: str) -> tuple[float, float]:
     """In a fresh process: build `kind` ("cascade" or "torchvision") from `weights`, run one training step on the
     benchmark batch. Returns its peak resident memory (VmHWM) and its resident memory once imports are done, in MB."""
-    from cascade_rcnn.benchmarks.inference import _proc_status_mb
+    from cascade_rcnn.benchmarks.memory import proc_status_mb
 
     s = json.loads(settings)
-    runtime = _proc_status_mb("VmRSS")
+    runtime = proc_status_mb("VmRSS")
     torch.set_num_threads(s["threads"])
     size = tuple(s["size"])
     model = build_torchvision(size) if kind == "torchvision" else build_cascade(s["preset"], size, s["overrides"])
@@ -226,11 +226,11 @@ def peak_rss_child(kind: str, weights: str, settings: str) -> tuple[float, float
     model.train()
     batch = load_batch(Path(s["data_root"]), s["batch"])
     make_step(model, sgd(model, s["lr"]), batch, torchvision=kind == "torchvision")()
-    return _proc_status_mb("VmHWM"), runtime
+    return proc_status_mb("VmHWM"), runtime
 
 
 def measure_peak_rss(kind: str, weights: Path, settings: dict[str, Any]) -> tuple[float, float]:
-    from cascade_rcnn.benchmarks.inference import peak_rss_in_child
+    from cascade_rcnn.benchmarks.memory import peak_rss_in_child
 
     call = f"peak_rss_child({kind!r}, {str(weights)!r}, {json.dumps(settings)!r})"
     return peak_rss_in_child("cascade_rcnn.benchmarks.training", call)
