@@ -24,7 +24,7 @@ from cascade_rcnn.benchmarks.inference import (
 )
 from cascade_rcnn.commands.benchmark import parse_size
 from cascade_rcnn.errors import ConfigError
-from cascade_rcnn.deploy.optimize import fold_batch_norm, optimize_for_inference
+from cascade_rcnn.deploy.optimize import PooledConv, fold_batch_norm, optimize_for_inference
 from cascade_rcnn.modeling.postprocess import SPLIT_THRESHOLD, multiclass_nms
 from cascade_rcnn.modeling.roi_align import MultiScaleRoIAlign, roi_align_channels_last
 from cascade_rcnn.structures import Detections
@@ -336,6 +336,31 @@ def test_benchmark_command_writes_every_figure(tmp_path: Path) -> None:
                 "mask_peak_rss_extra_mb"):
         assert isinstance(result[key], float), key
     assert result["mask_paste_ms_per_image"] > 0 and result["peak_rss_mb_by_path"]["torch_fp32_masks"] > 0
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning")  # the ONNX exporter traces the same way
+def test_box_heads_first_fc_as_a_convolution() -> None:
+    """The inference copy's box heads take their first fc as a 7 x 7 convolution on the pooled maps (oneDNN's kernel):
+    the same outputs up to float rounding, in either memory format; a change to the model's weights reaches it; the
+    model's own heads, their parameters and names, are untouched; the traced (ONNX) form is the plain product."""
+    det = Detector(**TINY)
+    model = det.model
+    fast = optimize_for_inference(model)
+    gen = torch.Generator().manual_seed(0)
+    pooled = torch.randn(37, 256, 7, 7, generator=gen)
+    for head, fast_head in zip(model.roi_heads.box_heads, fast.roi_heads.box_heads, strict=True):
+        assert head.pooled_fc is None and isinstance(fast_head.pooled_fc, PooledConv)
+        with torch.no_grad():
+            torch.nn.init.normal_(head.shared_fcs[0].weight, std=0.01)
+            torch.nn.init.normal_(head.shared_fcs[0].bias, std=0.1)
+            expected = head(pooled)
+            for x in (pooled, pooled.contiguous(memory_format=torch.channels_last)):
+                for got, want in zip(fast_head(x), expected):
+                    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+            traced = torch.jit.trace(fast_head.pooled_fc, pooled)
+            graph = str(traced.inlined_graph)
+            assert "aten::linear" in graph and "conv" not in graph.replace("PooledConv", "")
+    assert set(dict(model.named_parameters())) == set(dict(Detector(**TINY).model.named_parameters()))
 
 
 def test_rois_in_chunks_equal_all_at_once() -> None:

@@ -47,10 +47,15 @@ class BoxHead(nn.Module):
         nn.init.normal_(self.fc_reg.weight, std=0.001)
         nn.init.zeros_(self.fc_cls.bias)
         nn.init.zeros_(self.fc_reg.bias)
+        # Another kernel for the first fc, set by the inference copy only (`cascade_rcnn.deploy.optimize.PooledConv`):
+        # the same product, taken on the (N, C, S, S) pooled maps themselves.
+        self.pooled_fc: nn.Module | None = None
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        x = x.flatten(1)
-        for fc in self.shared_fcs:
+        """x: (N, C, S, S) pooled features."""
+        first, *rest = self.shared_fcs
+        x = F.relu(first(x.flatten(1)) if self.pooled_fc is None else self.pooled_fc(x))
+        for fc in rest:
             x = F.relu(fc(x))
         return self.fc_cls(x), self.fc_reg(x)
 
