@@ -315,7 +315,7 @@ def test_benchmark_command_writes_every_figure(tmp_path: Path) -> None:
 
     out = tmp_path / "bench.json"
     args = ["benchmark", "--images", str(VAL), "--num-images", "1", "--size", "96x128", "--batch", "2", "--no-onnx",
-            "--no-openvino", "--preset", "cascade_rcnn_r50_fpn_detectron2"]
+            "--no-openvino", "--preset", "cascade_rcnn_r50_fpn_detectron2", "--memory-runs", "1"]
     assert main([*args, "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     for key in ("ratio_vs_torchvision_fp32", "matmul_gflops", "achieved_gflops", "matmul_fraction", "bf16_speedup",

@@ -93,6 +93,7 @@ class BenchmarkSettings:
     int8_calibration_images: list[Path] | None = None  # default: the calibration image alone
     torchvision: bool = True
     masks: bool = True  # time the preset's mask sibling too (`mask_preset_of`)
+    memory_runs: int = 3  # fresh processes measuring the box and the mask model's peak memory, each (the median)
     seed: int = 0
 
 
@@ -362,10 +363,10 @@ def run_benchmark(settings: BenchmarkSettings, log: Callable[[str], None] = prin
     else:
         # The same child for both: `Detector.from_weights` builds the mask model from its file. One model's peak
         # varies between fresh processes by as much as masks add (measured: 1247 and 1365 MB for one R50 file and
-        # image), so each is measured three times, alternately, and the medians compared.
+        # image), so each is measured `memory_runs` times (3), alternately, and the medians compared.
         mask_weights = masked.save(work / "mask_weights.safetensors")
         runs: dict[str, list[tuple[float, float]]] = {"torch_fp32": [], "torch_fp32_masks": []}
-        for _ in range(3):
+        for _ in range(s.memory_runs):
             for name, path in (("torch_fp32", weights), ("torch_fp32_masks", mask_weights)):
                 runs[name].append(_measure_peak_rss("torch_fp32", path, s.images[0], s.threads))
         measured = {name: sorted(r)[len(r) // 2] for name, r in runs.items()}  # the median peak's run

@@ -57,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="calibrate int8 on this many of the folder's untimed images (8)")
     parser.add_argument("--no-torchvision", action="store_true", help="skip torchvision's Faster R-CNN")
     parser.add_argument("--no-masks", action="store_true", help="skip the preset's Cascade Mask R-CNN sibling")
+    parser.add_argument("--memory-runs", type=int, default=3,
+                        help="fresh processes measuring the box and mask models' peak memory, each (3; the median)")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     parser.add_argument("--bf16-accuracy", metavar="WEIGHTS",
                         help="instead of timing: bf16 vs float32 accuracy of these weights on --images/--annotations")
@@ -103,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
     from cascade_rcnn.commands.predict import images_in
 
     min_size, max_size = parse_size(args.size)
+    if args.memory_runs < 1:
+        raise ConfigError(f"--memory-runs must be at least 1, got {args.memory_runs}")
     if not args.images.is_dir():
         raise ConfigError(f"--images: {args.images} is not a folder (coco128's val2017 is the default)")
     files = images_in(args.images)
@@ -125,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
         int8_calibration_images=[p for p in files if p not in timed][: args.int8_calib_images],
         torchvision=not args.no_torchvision,
         masks=not args.no_masks,
+        memory_runs=args.memory_runs,
     )
     result = run_benchmark(settings, log=lambda line: print(line, file=sys.stderr, flush=True))
     print(report(result))
