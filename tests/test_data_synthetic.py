@@ -68,6 +68,42 @@ def test_boxes_are_exactly_tight_around_the_drawn_pixels(seed):
                 assert overlap_w <= 0 or overlap_h <= 0
 
 
+@pytest.mark.parametrize("seed", range(2))
+def test_masks_are_exactly_the_drawn_pixels(seed):
+    """Each object's segmentation (compressed RLE) decodes to its own drawn pixels: the masks are disjoint, each one's
+    extent is its box, its pixel count its area, and together they are every pixel that differs from the
+    background. Encoding them does not change the image (it draws no random numbers)."""
+    from pycocotools import mask as mask_utils
+
+    for _ in range(5):
+        sample = render_sample(np.random.default_rng(seed), (256, 200), with_masks=True)
+        np.testing.assert_array_equal(render_sample(np.random.default_rng(seed), (256, 200)).image, sample.image)
+        drawn = np.any(sample.image != sample.background, axis=-1)
+        union = np.zeros_like(drawn)
+        assert len(sample.segmentations) == len(sample.boxes) > 0
+        for rle, box, area in zip(sample.segmentations, sample.boxes.astype(int), sample.areas):
+            assert rle["size"] == [200, 256] and isinstance(rle["counts"], str)
+            mask = mask_utils.decode({**rle, "counts": rle["counts"].encode()}).astype(bool)
+            ys, xs = np.nonzero(mask)
+            assert [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] == box.tolist() and mask.sum() == area
+            assert not (mask & union).any()
+            union |= mask
+        np.testing.assert_array_equal(union, drawn)
+        seed += 100
+    with pytest.raises(ValueError, match="not with local"):
+        render_sample(np.random.default_rng(0), (256, 256), local=True, with_masks=True)
+
+
+def test_written_masks_load_as_the_dataset_s_instance_masks(tmp_path):
+    from cascade_rcnn.data.masks import record_masks
+
+    paths = make_shapes_dataset(tmp_path, num_train=3, num_val=0, seed=1)
+    dataset = load_coco(paths["train_annotations"], paths["train_images"])
+    for record in dataset.records:
+        masks = record_masks(record, 256, 256)
+        assert masks.shape == (len(record.boxes), 256, 256) and (masks.sum(axis=(1, 2)) > 0).all()
+
+
 def test_saved_png_is_the_rendered_image(tmp_path):
     paths = make_shapes_dataset(tmp_path, num_train=1, num_val=0, seed=3)
     expected = render_sample(np.random.default_rng([3, 0]), (256, 256)).image

@@ -9,7 +9,9 @@ It is the data of the project's demo, so it is made to be learnable by a small d
 - backgrounds of three textures (smooth noise, gradient, stripes) in muted colours whose channels stay in 45..210,
   while every object colour has a channel <= 20 or >= 235: an object pixel can never equal a background pixel;
 - objects drawn without anti-aliasing, and each box computed from the pixels actually drawn (``x2 = last column + 1``),
-  so boxes are exactly tight.
+  so boxes are exactly tight;
+- the demo's set (`make_shapes_dataset`) carries each object's exact mask, the pixels drawn, as its COCO
+  ``segmentation`` (pycocotools' compressed RLE), for Cascade Mask R-CNN (`cascade-rcnn demo --masks`).
 
 The same arguments give byte-identical files (numpy's PCG64 stream, Pillow's deterministic PNG encoder).
 """
@@ -18,11 +20,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+from pycocotools import mask as mask_utils
 
 CLASS_NAMES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 
@@ -48,6 +51,8 @@ class SyntheticSample:
         boxes: (N, 4) float32 xyxy pixels, tight around each object's drawn pixels.
         labels: (N,) int64 indices into `CLASS_NAMES`.
         areas: (N,) int64 drawn pixels of each object (COCO's ``area``).
+        segmentations: each object's drawn pixels as a COCO compressed RLE ``{"size": [H, W], "counts": str}``
+            (`render_sample(with_masks=True)`), else empty.
     """
 
     image: np.ndarray
@@ -55,6 +60,7 @@ class SyntheticSample:
     boxes: np.ndarray
     labels: np.ndarray
     areas: np.ndarray
+    segmentations: list[dict] = field(default_factory=list)
 
 
 def make_shapes_dataset(
@@ -84,7 +90,7 @@ def make_shapes_dataset(
     paths = {"root": root}
     for split_index, (split, count) in enumerate((("train", num_train), ("val", num_val))):
         rng = np.random.default_rng([seed, split_index])
-        samples = (render_sample(rng, (width, height)) for _ in range(count))
+        samples = (render_sample(rng, (width, height), with_masks=True) for _ in range(count))
         paths.update(_write_split(root, split, samples, f"cascade_rcnn synthetic shapes, {split}, seed {seed}"))
     return paths
 
@@ -128,7 +134,8 @@ def _write_split(root: Path, split: str, samples: Iterable[SyntheticSample], des
         file_name = f"{image_id:06d}.png"
         Image.fromarray(sample.image).save(image_dir / file_name, format="PNG", compress_level=1)
         images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
-        for box, label, area in zip(sample.boxes.tolist(), sample.labels.tolist(), sample.areas.tolist()):
+        masks = sample.segmentations or [[]] * len(sample.labels)  # [] : no mask
+        for box, label, area, mask in zip(sample.boxes.tolist(), sample.labels.tolist(), sample.areas.tolist(), masks):
             x1, y1, x2, y2 = (int(v) for v in box)
             annotations.append(
                 {
@@ -138,7 +145,7 @@ def _write_split(root: Path, split: str, samples: Iterable[SyntheticSample], des
                     "bbox": [x1, y1, x2 - x1, y2 - y1],
                     "area": area,
                     "iscrowd": 0,
-                    "segmentation": [],
+                    "segmentation": mask,
                 }
             )
     coco = {
@@ -158,17 +165,21 @@ def render_sample(
     num_objects: tuple[int, int] = (1, 4),
     object_size: tuple[int, int] = (16, 96),
     local: bool = False,
+    with_masks: bool = False,
 ) -> SyntheticSample:
-    """Render one image with `num_objects` (inclusive range) non-overlapping shapes of side `object_size` (px).
+    """Render one image with `num_objects` (inclusive range) non-overlapping shapes of side `object_size` (px);
+    `with_masks` also encodes each object's drawn pixels (`SyntheticSample.segmentations`; not with `local`).
 
     `local` draws each shape on a canvas of its own cell rather than of the whole image (the large set: a 4000x3000
     canvas per object would be most of the time); the pixels drawn can differ from the whole-image drawing by
     Pillow's rounding, so the demo's set keeps the whole-image canvas and its files."""
     width, height = image_size
+    if with_masks and local:
+        raise ValueError("with_masks draws each shape on the whole image's canvas: not with local")
     background = _render_background(rng, width, height)
     image = background.copy()
     wanted = int(rng.integers(num_objects[0], num_objects[1] + 1))
-    boxes, labels, areas = [], [], []
+    boxes, labels, areas, segmentations = [], [], [], []
     occupied: list[tuple[int, int, int, int]] = []
     for _ in range(wanted):
         label = int(rng.integers(len(CLASS_NAMES)))
@@ -197,6 +208,9 @@ def render_sample(
             ys, xs = np.nonzero(mask)
             box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
             image[mask] = _pick_colour(rng, background[mask])
+            if with_masks:
+                rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
+                segmentations.append({"size": [height, width], "counts": rle["counts"].decode("ascii")})
         occupied.append((x0, y0, x0 + w, y0 + h))
         boxes.append(box)
         labels.append(label)
@@ -207,6 +221,7 @@ def render_sample(
         boxes=np.asarray(boxes, np.float32).reshape(-1, 4),
         labels=np.asarray(labels, np.int64),
         areas=np.asarray(areas, np.int64),
+        segmentations=segmentations,
     )
 
 
