@@ -68,13 +68,15 @@ def test_lean_detector_names_what_it_cannot_read(tmp_path: Path) -> None:
 
 def run_without_torch(graph: Path, image: Path) -> list[list[float]]:
     """Detect on `image` with `LeanDetector` in a fresh Python process; fails if torch was imported there. Returns
-    each detection's box, score and label."""
+    each detection's box, score and label, and its mask's pixel count for a mask model."""
     code = (
         "import json, sys\n"
         "from cascade_rcnn.deploy.lean import LeanDetector\n"
         f"d = LeanDetector({str(graph)!r}, threads=2).predict({str(image)!r})\n"
         "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))\n"
-        "print(json.dumps([[*b, s, l] for b, s, l in zip(d.boxes.tolist(), d.scores.tolist(), d.labels.tolist())]))\n"
+        "areas = [[] for _ in d.boxes] if d.masks is None else [[int(m.sum())] for m in d.masks]\n"
+        "rows = zip(d.boxes.tolist(), d.scores.tolist(), d.labels.tolist(), areas)\n"
+        "print(json.dumps([[*b, s, l, *a] for b, s, l, a in rows]))\n"
     )
     root = str(Path(__file__).resolve().parents[1])
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=False)
@@ -92,7 +94,12 @@ def assert_lean_equals(lean: LeanDetector, detector: object, paths: list[Path]) 
         assert isinstance(out.boxes, np.ndarray) and out.class_names == ref.class_names and len(ref) > 0
         for field in ("boxes", "scores", "labels"):
             assert np.array_equal(getattr(out, field), getattr(ref, field).numpy()), field
+        assert (out.masks is None) == (ref.masks is None)
+        assert out.masks is None or (out.masks.dtype == bool and np.array_equal(out.masks, ref.masks.numpy()))
     fresh = np.asarray(run_without_torch(lean.path, paths[0]))
     ref = refs[0]
-    expected = np.concatenate([ref.boxes.numpy(), ref.scores.numpy()[:, None], ref.labels.numpy()[:, None]], 1)
+    columns = [ref.boxes.numpy(), ref.scores.numpy()[:, None], ref.labels.numpy()[:, None]]
+    if ref.masks is not None:
+        columns.append(ref.masks.sum(dim=(1, 2)).numpy()[:, None])
+    expected = np.concatenate(columns, 1)
     assert np.array_equal(fresh, expected.astype(np.float64))

@@ -3,6 +3,7 @@ test_mask_parity.py)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -72,6 +73,58 @@ def test_paste_of_a_uniform_map_fills_exactly_the_box() -> None:
     expected[1, 0:3, 0:5] = True
     assert masks.equal(expected)
     assert paste_masks(torch.zeros((0, 28, 28)), torch.zeros((0, 4)), (5, 6)).shape == (0, 5, 6)
+
+
+def grid_sample_paste(probs: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    """The peers' CPU paste written with torch's own `grid_sample` (zero padding, align_corners=False), box by box
+    over the box + 1 px, >= 0.5: the oracle of `paste_masks_array`."""
+    h, w = image_size
+    masks = torch.zeros((len(probs), h, w), dtype=torch.bool)
+    for i, box in enumerate(boxes):
+        x0, y0 = (box[:2].floor() - 1).clamp(min=0).long().tolist()
+        x1, y1 = int(min(float(box[2].ceil()) + 1, w)), int(min(float(box[3].ceil()) + 1, h))
+        if x1 <= x0 or y1 <= y0:
+            continue
+
+        def axis(pixels: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+            grid = ((pixels.float() + 0.5) - start) / (end - start) * 2 - 1
+            return torch.where(torch.isinf(grid), torch.zeros_like(grid), grid)
+
+        xs, ys = axis(torch.arange(x0, x1), box[0], box[2]), axis(torch.arange(y0, y1), box[1], box[3])
+        grid = torch.stack([xs[None, :].expand(len(ys), -1), ys[:, None].expand(-1, len(xs))], dim=2)
+        sampled = torch.nn.functional.grid_sample(probs[i][None, None], grid[None], mode="bilinear",
+                                                  padding_mode="zeros", align_corners=False)
+        masks[i, y0:y1, x0:x1] = sampled[0, 0] >= 0.5
+    return masks
+
+
+@pytest.mark.skipif(not torch.backends.cpu.get_cpu_capability().startswith("AVX"),
+                    reason="grid_sample's fused multiply-adds are those of torch's AVX2 / AVX-512 kernels")
+def test_numpy_paste_is_grid_samples_bit_for_bit() -> None:
+    """`paste_masks_array` (numpy, what every backend runs) equals torch's grid_sample paste on every pixel: boxes
+    of every size (zero-size, 1e-6, sub-pixel, larger than the image), partly or wholly outside the image, integer
+    boxes, 7 / 14 / 28 cells, probabilities tied with the threshold. Dropping the fused multiply-adds of torch's
+    kernel (plain float32 products and sums) changes pixels here."""
+    from cascade_rcnn.paste import paste_masks_array
+
+    gen = torch.Generator().manual_seed(0)
+    compared = 0
+    for trial in range(240):
+        h, w = torch.randint(5, 160, (2,), generator=gen).tolist()
+        xy = torch.rand(20, 2, generator=gen) * torch.tensor([w, h]) * 1.2 - 10
+        wh = torch.rand(20, 2, generator=gen) ** 3 * 150
+        wh[:3] = 0 if trial % 3 == 0 else wh[:3]
+        wh[3:5] = 1e-6 if trial % 5 == 0 else wh[3:5]
+        boxes = torch.cat([xy, xy + wh], dim=1)
+        boxes = boxes.round() if trial % 7 == 0 else boxes
+        size = (7, 14, 28)[trial % 3]
+        probs = torch.rand(20, size, size, generator=gen)
+        probs = (probs * 4).round() / 4 if trial % 4 == 0 else probs
+        mine = paste_masks_array(probs.numpy(), boxes.numpy(), (h, w))
+        assert mine.dtype == bool and mine.shape == (20, h, w)
+        np.testing.assert_array_equal(mine, grid_sample_paste(probs, boxes, (h, w)).numpy(), err_msg=f"trial {trial}")
+        compared += int(mine.sum())
+    assert compared > 100_000
 
 
 def test_resize_masks_nearest() -> None:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from cascade_rcnn.api import Detector
-from cascade_rcnn.deploy.lean import MASK_OUTPUT, Meta, graph_config, read_onnx
+from cascade_rcnn.deploy.lean import Meta, graph_config, graph_mask_threshold, read_onnx
 from cascade_rcnn.errors import CascadeRCNNError
 from cascade_rcnn.modeling.detector import build_transform, split_by_image
 from cascade_rcnn.modeling.masks import paste_per_image
@@ -96,11 +96,7 @@ def attach_graph(
     detector.config = graph_config(meta)
     detector.preset = meta("cascade_rcnn_preset") or "cascade_rcnn_r50_fpn"
     detector.device = torch.device("cpu")
-    mask_threshold = None
-    if MASK_OUTPUT in output_names:
-        if meta("mask_threshold") is None:
-            raise CascadeRCNNError(f"{path}: a mask graph without its mask_threshold metadata")
-        mask_threshold = float(meta("mask_threshold"))
+    mask_threshold = graph_mask_threshold(path, meta, output_names)
     detector.model = OnnxModel(session, build_transform(detector.config), mask_threshold)  # type: ignore[assignment]
     detector.load_report = None
     detector.optimize = detector.bf16 = False

@@ -6,10 +6,10 @@
 
 What a deployment needs and nothing more: the project's input convention in numpy (`cascade_rcnn.preprocess`, the
 same rules and integer pixel arithmetic the PyTorch `Transform` runs, so the graph's inputs are bit-identical), the
-graph, and the detections split out of its outputs. torch is never imported: in a process of its own, an int8 model
-answers in about half the memory of `OpenVinoDetector`, whose process holds torch's ~0.5 GB of libraries (the
-`benchmark` reports both peaks). Images run one at a time. Mask graphs need torch to paste their masks: use
-`cascade_rcnn.deploy.openvino.OpenVinoDetector` or `cascade_rcnn.deploy.backends.OnnxDetector` for those.
+graph, the detections split out of its outputs, and for a mask model's graph its masks pasted by
+`cascade_rcnn.paste` (the numpy paste the PyTorch model runs too). torch is never imported: in a process of its own,
+an int8 model answers in about half the memory of `OpenVinoDetector`, whose process holds torch's ~0.5 GB of libraries
+(the `benchmark` reports both peaks). Images run one at a time.
 
 This module also holds what the torch-based backends share with it: reading an IR or an ONNX file with its metadata
 (`read_openvino`, `read_onnx`) and `OpenVinoSession`.
@@ -28,6 +28,7 @@ from cascade_rcnn.config import ModelConfig, config_from_dict
 from cascade_rcnn.data.image_io import as_rgb_array
 from cascade_rcnn.deploy.extras import require
 from cascade_rcnn.errors import CascadeRCNNError
+from cascade_rcnn.paste import paste_masks_array
 from cascade_rcnn.preprocess import ArrayTransform, input_convention
 from cascade_rcnn.structures import Detections
 
@@ -116,22 +117,28 @@ def graph_config(meta: Meta) -> ModelConfig:
     return config_from_dict(json.loads(meta("cascade_rcnn_config")))
 
 
+def graph_mask_threshold(path: Path, meta: Meta, output_names: list[str]) -> float | None:
+    """The threshold a mask model's graph (a `mask_probs` output) pastes its masks at; None for a box model."""
+    if MASK_OUTPUT not in output_names:
+        return None
+    if meta("mask_threshold") is None:
+        raise CascadeRCNNError(f"{path}: a mask graph without its mask_threshold metadata")
+    return float(meta("mask_threshold"))
+
+
 class LeanDetector:
-    """An exported box model (.xml for OpenVINO, fp32 or int8; .onnx for ONNX Runtime) run with numpy alone.
+    """An exported model (.xml for OpenVINO, fp32 or int8; .onnx for ONNX Runtime) run with numpy alone.
 
     `predict` takes what `Detector.predict` takes, PyTorch tensors aside (a path, a Pillow image, an (H, W, 3) array,
     or a list of them) and returns `Detections` whose fields are numpy arrays, equal to `OpenVinoDetector`'s /
-    `OnnxDetector`'s (the same graph on bit-identical inputs).
+    `OnnxDetector`'s (the same graph on bit-identical inputs, the same paste): for a mask model, `masks` (N, H, W)
+    bool over the original image.
     """
 
     def __init__(self, path: str | Path, *, threads: int | None = None) -> None:
         self.path = Path(path)
         self.session, meta, output_names = read_graph(self.path, threads)
-        if MASK_OUTPUT in output_names:
-            raise CascadeRCNNError(
-                f"{self.path}: a mask model's graph; its masks are pasted with torch: use OpenVinoDetector or "
-                "OnnxDetector (cascade_rcnn.deploy) for it"
-            )
+        self.mask_threshold = graph_mask_threshold(self.path, meta, output_names)
         self.config = graph_config(meta)
         self.preset = meta("cascade_rcnn_preset") or "cascade_rcnn_r50_fpn"
         self.quantization = meta("quantization") or "fp32"
@@ -150,7 +157,12 @@ class LeanDetector:
         results = []
         for image in [images] if single else images:
             feeds = self.transform([as_rgb_array(image)])
-            boxes, scores, labels, _ = self.session.run(None, {k: v for k, v in feeds.items() if k in self.input_names})
-            det = Detections(boxes, scores, labels, self.class_names)
+            outputs = self.session.run(None, {k: v for k, v in feeds.items() if k in self.input_names})
+            boxes, scores, labels = outputs[:3]
+            masks = None
+            if self.mask_threshold is not None:
+                size = tuple(int(x) for x in feeds["original_sizes"][0])
+                masks = paste_masks_array(outputs[4], boxes, size, self.mask_threshold)
+            det = Detections(boxes, scores, labels, self.class_names, masks=masks)
             results.append(det if score_thresh is None else det.filter(score_thresh))
         return results[0] if single else results

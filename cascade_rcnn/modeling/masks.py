@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torchvision.ops import roi_align
 
 from cascade_rcnn.modeling.roi_align import MultiScaleRoIAlign
+from cascade_rcnn.paste import paste_masks_array
 from cascade_rcnn.structures import Detections
 
 
@@ -118,38 +119,11 @@ def mask_targets(rois: Tensor, gt_index: Tensor, gt_masks: list[Tensor], size: i
 
 def paste_masks(probs: Tensor, boxes: Tensor, image_size: tuple[int, int], threshold: float = 0.5) -> Tensor:
     """Binary masks (D, h, w) bool in an (h, w) image from mask probabilities (D, S, S) over `boxes` (D, 4) (that
-    image's pixels).
-
-    The S x S cells are stretched over each float box (cell centres at x1 + (j + 0.5) (x2 - x1) / S) and sampled
-    bilinearly at the pixel centres, with zero beyond the outer cells (`grid_sample`, `align_corners=False`, zero
-    padding), then `>= threshold`. Only pixels within one pixel of the box are computed; the rest are False
-    (mmdetection's and detectron2's `_do_paste_mask` on the CPU, which both peers run box by box). One (h, w) bool
-    mask per detection is all that is held, never a float image per detection.
-    """
-    h, w = image_size
-    masks = torch.zeros((probs.shape[0], h, w), dtype=torch.bool, device=probs.device)
-    boxes = boxes.to(torch.float32)
-    for i in range(probs.shape[0]):
-        box = boxes[i]
-        x0, y0 = (box[:2].floor() - 1).clamp(min=0).to(torch.int64).tolist()
-        x1 = int(min(float(box[2].ceil()) + 1, w))
-        y1 = int(min(float(box[3].ceil()) + 1, h))
-        if x1 <= x0 or y1 <= y0:
-            continue
-        xs = _grid_axis(torch.arange(x0, x1, device=probs.device), box[0], box[2])
-        ys = _grid_axis(torch.arange(y0, y1, device=probs.device), box[1], box[3])
-        grid = torch.stack([xs[None, :].expand(len(ys), -1), ys[:, None].expand(-1, len(xs))], dim=2)
-        sampled = F.grid_sample(probs[i][None, None].float(), grid[None], mode="bilinear", padding_mode="zeros",
-                                align_corners=False)
-        masks[i, y0:y1, x0:x1] = sampled[0, 0] >= threshold
-    return masks
-
-
-def _grid_axis(pixels: Tensor, start: Tensor, end: Tensor) -> Tensor:
-    """Pixel centres along one axis in grid_sample's [-1, 1] units of the box [start, end] (float32, in the peers'
-    order of operations); a zero-size box gives inf, which, as in the peers, becomes 0."""
-    grid = ((pixels.to(torch.float32) + 0.5) - start) / (end - start) * 2 - 1
-    return torch.where(torch.isinf(grid), torch.zeros_like(grid), grid)
+    image's pixels), on the probabilities' device: `cascade_rcnn.paste.paste_masks_array` (the peers' CPU paste, box
+    by box, bit-identical to torch's `grid_sample`), which the torch-free deployment runs too."""
+    masks = paste_masks_array(probs.detach().float().cpu().numpy(), boxes.detach().float().cpu().numpy(),
+                              image_size, threshold)
+    return torch.from_numpy(masks).to(probs.device)
 
 
 def paste_per_image(
