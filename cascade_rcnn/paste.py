@@ -30,13 +30,18 @@ def paste_masks_array(
     boxes = np.asarray(boxes, dtype=np.float32)
     masks = np.zeros((len(probs), h, w), dtype=bool)  # calloc: pages no mask touches are never resident
     threshold = np.float32(threshold)
-    for i, (box, cells) in enumerate(zip(boxes, probs)):
-        x0, y0 = max(math.floor(box[0]) - 1, 0), max(math.floor(box[1]) - 1, 0)
-        x1, y1 = min(math.ceil(box[2]) + 1, w), min(math.ceil(box[3]) + 1, h)
-        if x1 <= x0 or y1 <= y0:
-            continue
-        masks[i, y0:y1, x0:x1] = _bilinear(cells, _cells_axis(y0, y1, box[1], box[3], cells.shape[0]),
-                                           _cells_axis(x0, x1, box[0], box[2], cells.shape[1])) >= threshold
+    # Cell index -1 and S read this zero border; anything further out is clipped onto it.
+    padded = np.zeros((probs.shape[0], probs.shape[1] + 2, probs.shape[2] + 2), dtype=np.float32)
+    padded[:, 1:-1, 1:-1] = probs
+    with np.errstate(divide="ignore", invalid="ignore"):  # a zero-size box's inf and NaN, as in torch
+        for i, box in enumerate(boxes):
+            x0, y0 = max(math.floor(box[0]) - 1, 0), max(math.floor(box[1]) - 1, 0)
+            x1, y1 = min(math.ceil(box[2]) + 1, w), min(math.ceil(box[3]) + 1, h)
+            if x1 <= x0 or y1 <= y0:
+                continue
+            ys = _cells_axis(y0, y1, box[1], box[3], probs.shape[1])
+            xs = _cells_axis(x0, x1, box[0], box[2], probs.shape[2])
+            masks[i, y0:y1, x0:x1] = _bilinear(padded[i], ys, xs) >= threshold
     return masks
 
 
@@ -45,18 +50,17 @@ def _cells_axis(first: int, stop: int, start: np.float32, end: np.float32, size:
     (in the peers' order of operations; a zero-size box's inf becomes 0, as in the peers), unnormalised as its CPU
     kernel does, (g + 1) * (S / 2) - 0.5, all in float32."""
     one, two, half = np.float32(1), np.float32(2), np.float32(0.5)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        grid = ((np.arange(first, stop, dtype=np.float32) + half) - start) / (end - start) * two - one
+    grid = ((np.arange(first, stop, dtype=np.float32) + half) - start) / (end - start) * two - one
     grid[np.isinf(grid)] = 0
     return _fma(grid + one, np.float32(size / 2), -half)
 
 
-def _bilinear(cells: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
-    """`cells` (S, S) sampled at every (ys[r], xs[c]) (cell units), zero outside: the four corners' values times
-    their weights, summed in grid_sample's order, fma(se, fma(sw, fma(ne, nw))), each weight a product of two float32
-    axis distances. A NaN coordinate (a zero-size box's 0/0) samples NaN, which no threshold passes."""
-    padded = np.pad(cells, 1)  # index -1 and S read the zero padding; anything further is clipped onto it
-    size_y, size_x = cells.shape
+def _bilinear(padded: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """S x S cells (`padded`: in a zero border) sampled at every (ys[r], xs[c]) (cell units), zero outside: the
+    four corners' values times their weights, summed in grid_sample's order, fma(se, fma(sw, fma(ne, nw))), each
+    weight a product of two float32 axis distances. A NaN coordinate (a zero-size box's 0/0) samples NaN, which no
+    threshold passes."""
+    size_y, size_x = padded.shape[0] - 2, padded.shape[1] - 2
 
     def axis(coords: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         low = np.floor(coords)
@@ -74,10 +78,11 @@ def _bilinear(cells: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
     ne = s[:, None] * w[None, :]
     sw = n[:, None] * e[None, :]
     se = n[:, None] * w[None, :]
-    total = padded[n_idx[:, None], w_idx[None, :]] * nw
-    total = _fma(padded[n_idx[:, None], e_idx[None, :]], ne, total)
-    total = _fma(padded[s_idx[:, None], w_idx[None, :]], sw, total)
-    return _fma(padded[s_idx[:, None], e_idx[None, :]], se, total)
+    north, south = padded[n_idx], padded[s_idx]  # the rows first: (len(ys), S + 2) each
+    total = north[:, w_idx] * nw
+    total = _fma(north[:, e_idx], ne, total)
+    total = _fma(south[:, w_idx], sw, total)
+    return _fma(south[:, e_idx], se, total)
 
 
 def _fma(a: np.ndarray, b: np.ndarray | np.float32, c: np.ndarray | np.float32) -> np.ndarray:
