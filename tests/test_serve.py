@@ -370,6 +370,46 @@ def test_api_key_and_sigterm_finishes_in_flight_requests(tiny_weights: Path) -> 
         server.stop()
 
 
+# --- an exported graph: the OpenVINO backend (fp32 here; an int8 IR is served the same way) ------------------------
+
+
+def test_openvino_backend_serves_the_ir_as_openvino_detector_predicts(
+    tiny_weights: Path, module_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`serve --backend openvino` on an exported IR: /v1/model names the backend and hashes the .xml with its .bin,
+    and /v1/detect gives `OpenVinoDetector`'s detections of the same pixels. `--bf16` with it is one line, no
+    server."""
+    httpx = require_serve()
+    pytest.importorskip("openvino", reason="openvino not installed (pip install 'cascade-rcnn[openvino]')")
+    pytest.importorskip("onnx", reason="onnx not installed (pip install 'cascade-rcnn[openvino]')")
+    from cascade_rcnn.deploy.openvino import OpenVinoDetector
+
+    xml = module_tmp / "tiny.xml"
+    assert main(["export", "--format", "openvino", "--weights", str(tiny_weights), "--output", str(xml)]) == 0
+    image = np.random.default_rng(5).integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    expected = OpenVinoDetector(xml).predict(image)
+    server = ServerProcess(xml, "--backend", "openvino")
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            model = http.get("/v1/model").json()
+            assert model["backend"] == "openvino" and model["classes"] == list(CLASS_NAMES)
+            both = xml.read_bytes() + xml.with_suffix(".bin").read_bytes()
+            assert model["weights"] == "tiny.xml" and model["weights_sha256"] == hashlib.sha256(both).hexdigest()
+            response = http.post("/v1/detect", params={"score_threshold": 0.0}, content=png(image),
+                                 headers={"Content-Type": "image/png"})  # fmt: skip
+    finally:
+        server.stop()
+    assert response.status_code == 200, response.text
+    (result,) = response.json()["images"]
+    assert len(result["boxes"]) == len(expected) > 0
+    torch.testing.assert_close(torch.tensor(result["boxes"]), expected.boxes, atol=1e-3, rtol=0)
+    torch.testing.assert_close(torch.tensor(result["scores"]), expected.scores, atol=1e-5, rtol=0)
+    assert result["labels"] == expected.labels.tolist()
+    assert main(["serve", "--weights", str(xml), "--backend", "openvino", "--bf16", "--port", "0"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "--bf16 applies to the torch backend" in error and "\n" not in error
+
+
 # --- queue full (503 + Retry-After), timeout (504), model failure (500, one line): in-process, fake model ------------
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from cascade_rcnn.commands import positive_int
-from cascade_rcnn.commands.predict import add_bf16_argument, load_detector
+from cascade_rcnn.commands.predict import add_backend_argument, add_bf16_argument, backend_device, load_for_backend
 from cascade_rcnn.errors import ConfigError
 from cascade_rcnn.serve import require_serve_dependencies
 
@@ -41,8 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="port (8000; 0 picks a free one, printed at start)")
     parser.add_argument("--device", metavar="DEVICE", help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--preset", metavar="NAME", help="model preset (default: from the weights file's metadata)")
-    parser.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
-                        help="torch, or onnxruntime: an exported .onnx file (or --weights exported at start)")  # fmt: skip
+    add_backend_argument(parser)
     add_bf16_argument(parser)
     parser.add_argument("--max-batch-size", type=positive_int, metavar="N",
                         help="images per model call, gathered across concurrent requests (default: 4 on a GPU, 1 on "
@@ -80,14 +79,12 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0.0 <= args.score_thresh <= 1.0:
         raise ConfigError(f"--score-thresh {args.score_thresh}: must be between 0 and 1")
-    if args.backend != "torch" and args.bf16:
-        raise ConfigError("--bf16 applies to the torch backend (ONNX Runtime runs the graph in float32)")
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if not _is_loopback(args.host) and api_key is None:
         print(f"warning: listening on {args.host} without --api-key: anyone who can reach this port can use the "
               "model", file=sys.stderr)  # fmt: skip
     sock = bind_socket(args.host, args.port)  # before the model loads: a taken port fails at once
-    detector = _load(args)
+    detector = load_for_backend(args, backend_device(args))  # as `cascade-rcnn predict` chooses it
     settings = ServeSettings(
         max_batch_size=args.max_batch_size or default_max_batch_size(detector),
         max_wait_ms=args.max_wait_ms,
@@ -155,15 +152,6 @@ def bind_socket(host: str, port: int) -> socket.socket:
     except OSError as error:
         raise ConfigError(f"cannot listen on {host}:{port} ({error.strerror or error})") from None
     return sock
-
-
-def _load(args: argparse.Namespace):
-    """The detector, chosen by --backend as `cascade-rcnn predict` chooses it."""
-    if args.backend == "torch":
-        return load_detector(args.weights, args.device, args.preset, bf16=args.bf16)
-    from cascade_rcnn.deploy.backends import load_backend
-
-    return load_backend(args.weights, args.backend, device=args.device, preset=args.preset)
 
 
 def default_max_batch_size(detector: Any) -> int:

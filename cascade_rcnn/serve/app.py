@@ -418,11 +418,16 @@ def _package_version() -> str:
 
 
 def weights_sha256(path: str | Path) -> str:
-    """The sha256 of a weights file, read in 1 MiB blocks."""
+    """The sha256 of a weights file, read in 1 MiB blocks; of an OpenVINO IR, of its .xml followed by its .bin (the
+    graph and the weights it holds)."""
     import hashlib
 
+    files = [Path(path)]
+    if files[0].suffix.lower() == ".xml":
+        files.append(files[0].with_suffix(".bin"))
     digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while block := file.read(1 << 20):
-            digest.update(block)
+    for name in files:
+        with open(name, "rb") as file:
+            while block := file.read(1 << 20):
+                digest.update(block)
     return digest.hexdigest()
