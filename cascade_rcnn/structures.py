@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -45,5 +47,28 @@ class Detections:
 
     def filter(self, score_thresh: float) -> Detections:
         keep = self.scores >= score_thresh
-        masks = None if self.masks is None else self.masks[keep]
+        masks = None if self.masks is None else select_masks(self.masks, keep)
         return replace(self, boxes=self.boxes[keep], scores=self.scores[keep], labels=self.labels[keep], masks=masks)
+
+
+def select_masks(masks: Any, keep: Any) -> Any:
+    """`masks[keep]` for (N, H, W) bool masks (a tensor or a numpy array) and a bool `keep` (N,), copying only the
+    rows that hold a True pixel. A pasted mask is False outside its box, and the array it was pasted into (np.zeros)
+    leaves the memory of those rows unwritten, so it is never made resident: a whole-array copy would write every
+    byte, which is 1.2 GB for 100 masks of a 12 MP photo. Keeping every mask copies nothing."""
+    if not isinstance(masks, np.ndarray) and masks.device.type != "cpu":
+        return masks[keep]
+    rows_kept = np.flatnonzero(np.asarray(keep))
+    if len(rows_kept) == len(masks):
+        return masks
+    source = np.asarray(masks)
+    out = np.zeros((len(rows_kept), *source.shape[1:]), dtype=source.dtype)
+    for j, i in enumerate(rows_kept):
+        rows = np.flatnonzero(source[i].any(axis=1))
+        if len(rows):
+            out[j, rows[0] : rows[-1] + 1] = source[i, rows[0] : rows[-1] + 1]
+    if isinstance(masks, np.ndarray):
+        return out
+    import torch
+
+    return torch.from_numpy(out)

@@ -560,3 +560,58 @@ def test_predict_with_the_mmdet_reference_checkpoint_writes_the_detector_masks(
     for r, mask in zip(results, det.masks, strict=True):
         np.testing.assert_array_equal(_decode(r["segmentation"]), mask.numpy())
     assert sum(int(m.sum()) for m in det.masks) > 0
+
+
+# --- memory: a photo's masks are never copied whole ---------------------------------------------------------------------
+
+
+def pasted_masks(count: int, size: tuple[int, int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`count` masks pasted (the model's paste) over random boxes of up to a fifth of the image, and the boxes."""
+    from cascade_rcnn.paste import paste_masks_array
+
+    rng = np.random.default_rng(seed)
+    h, w = size
+    xy = rng.random((count, 2)) * [w * 0.8, h * 0.8]
+    boxes = np.concatenate([xy, xy + rng.random((count, 2)) * [w * 0.2, h * 0.2] + 5], axis=1).astype(np.float32)
+    return paste_masks_array(rng.random((count, 28, 28), dtype=np.float32), boxes, size), boxes
+
+
+def test_select_masks_equals_indexing_and_copies_nothing_when_all_are_kept() -> None:
+    """`select_masks` is `masks[keep]` for tensors and arrays, any masks (True pixels on the first and last rows
+    too), none kept or all kept (then the same object, no copy)."""
+    from cascade_rcnn.structures import select_masks
+
+    rng = np.random.default_rng(0)
+    masks = rng.random((6, 9, 11)) > 0.7
+    masks[1] = False
+    masks[2, [0, -1]] = True
+    for keep in ([1, 0, 1, 1, 0, 1], [0] * 6, [1, 1, 1, 0, 0, 0]):
+        keep = np.array(keep, bool)
+        np.testing.assert_array_equal(select_masks(masks, keep), masks[keep])
+        tensor = torch.from_numpy(masks)
+        assert torch.equal(select_masks(tensor, torch.from_numpy(keep)), tensor[torch.from_numpy(keep)])
+    assert select_masks(masks, np.ones(6, bool)) is masks
+
+
+def test_a_photos_masks_are_written_and_drawn_without_a_copy_of_them_all() -> None:
+    """60 masks of a 1500 x 2000 image (180 MB as bool): their RLEs and their drawing hold at most a few masks' worth
+    at a time (numpy's allocations, traced; measured 1 and 6), never a second copy of them all (60 or more), as
+    indexing them all at once did."""
+    import tracemalloc
+
+    from cascade_rcnn.evaluation.coco import detections_to_coco
+
+    size = (1500, 2000)
+    masks, boxes = pasted_masks(60, size)
+    one_mask = size[0] * size[1]
+    labels, scores = np.zeros(60, np.int64), np.linspace(1.0, 0.1, 60)
+    image = np.zeros((*size, 3), np.uint8)
+    for name, step in (("rle", lambda: detections_to_coco(1, boxes, scores, labels, [1], masks=masks)),
+                       ("draw", lambda: draw_detections(image, boxes, scores, labels, ["a"], masks=masks))):  # fmt: skip
+        tracemalloc.start()
+        try:
+            step()
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak <= 10 * one_mask, (name, peak / one_mask)  # drawing: the RGB copy it draws on is 3 masks' worth

@@ -38,6 +38,7 @@ from cascade_rcnn.evaluation.coco import COCO_CATEGORY_IDS, detections_to_coco
 from cascade_rcnn.evaluation.visualize import draw_detections
 from cascade_rcnn.inference import options as inference_options
 from cascade_rcnn.inference import resume, sharding, video
+from cascade_rcnn.structures import select_masks
 
 if TYPE_CHECKING:
     from cascade_rcnn.api import Detector
@@ -437,7 +438,7 @@ def _filtered(
     keep = scores >= score_thresh
     if keep_labels is not None:
         keep &= torch.isin(labels, torch.tensor(sorted(keep_labels), dtype=torch.long))
-    kept_masks = None if masks is None else torch.as_tensor(masks).detach().cpu()[keep]
+    kept_masks = None if masks is None else select_masks(torch.as_tensor(masks).detach().cpu(), keep)
     return boxes[keep], scores[keep], labels[keep], kept_masks
 
 

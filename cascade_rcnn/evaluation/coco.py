@@ -242,7 +242,7 @@ def detections_to_coco(
         boxes_xywh[:, 2:] += 1.0
     kept = [i for i, label in enumerate(labels_np.tolist()) if category_ids[label] is not None]
     # Only the kept masks are encoded: the RLE is the costly part of a mask model's results.
-    rles = encode_masks(masks[kept]) if masks is not None else None
+    rles = encode_masks([masks[i] for i in kept]) if masks is not None else None  # views: no copy of all
     results = []
     for n, i in enumerate(kept):
         result = {"image_id": int(image_id), "category_id": int(category_ids[labels_np[i]]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -10,16 +11,19 @@ import torch
 from torch import Tensor
 
 
-def encode_masks(masks: Tensor | np.ndarray) -> list[dict[str, Any]]:
-    """(N, H, W) binary masks -> N COCO RLEs `{"size": [H, W], "counts": str}` (pycocotools' compressed counts, as
-    mmdetection's `encode_mask_results` and detectron2's `instances_to_coco_json` write them)."""
+def encode_masks(masks: Tensor | np.ndarray | Sequence[Tensor | np.ndarray]) -> list[dict[str, Any]]:
+    """(N, H, W) binary masks (or a sequence of (H, W) ones) -> N COCO RLEs `{"size": [H, W], "counts": str}`
+    (pycocotools' compressed counts, as mmdetection's `encode_mask_results` and detectron2's `instances_to_coco_json`
+    write them)."""
     if isinstance(masks, Tensor):
         masks = masks.detach().cpu().numpy()
-    if len(masks) == 0:
-        return []
-    rles = mask_utils.encode(np.asfortranarray(np.moveaxis(masks.astype(np.uint8), 0, -1)))
-    for rle in rles:
+    rles = []
+    for mask in masks:  # one at a time: a column-major copy of all of them would double their memory
+        if isinstance(mask, Tensor):
+            mask = mask.detach().cpu().numpy()
+        (rle,) = mask_utils.encode(np.asfortranarray(np.asarray(mask)[:, :, None], dtype=np.uint8))
         rle["counts"] = rle["counts"].decode("ascii")
+        rles.append(rle)
     return rles
 
 

@@ -119,7 +119,8 @@ def draw_detections(
             raise ValueError(f"masks of shape {masks_np.shape} for {len(boxes_np)} detections on a {width}x{height} "
                              f"image, expected ({len(boxes_np)}, {height}, {width})")  # fmt: skip
         # Every fill before any box: a box or its tag is never hidden under another detection's mask.
-        canvas = _overlay_masks(canvas, masks_np[order], [class_color(int(labels_np[i])) for i in order],
+        # One mask at a time (a view): indexing them all at once would copy every mask whole.
+        canvas = _overlay_masks(canvas, [masks_np[i] for i in order], [class_color(int(labels_np[i])) for i in order],
                                 mask_alpha, line_width)  # fmt: skip
     draw = ImageDraw.Draw(canvas)
 
@@ -142,9 +143,9 @@ def draw_detections(
 
 
 def _overlay_masks(
-    canvas: Image.Image, masks: np.ndarray, colors: Sequence[RGB], alpha: float, outline_width: int
+    canvas: Image.Image, masks: Sequence[np.ndarray], colors: Sequence[RGB], alpha: float, outline_width: int
 ) -> Image.Image:
-    """`canvas` with each of `masks` ((N, H, W) bool, drawn in order: later ones on top) filled at opacity `alpha`
+    """`canvas` with each of `masks` ((H, W) bool each, drawn in order: later ones on top) filled at opacity `alpha`
     and outlined, `colors[i]` for mask i. Work is confined to each mask's bounding rectangle."""
     pixels = np.array(canvas)  # (H, W, 3) uint8, a copy
     for mask, color in zip(masks, colors, strict=True):

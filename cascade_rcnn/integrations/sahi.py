@@ -83,15 +83,15 @@ class CascadeRCNNDetectionModel(DetectionModel):
             shift = shift_amount_list[index] if shift_amount_list else [0, 0]
             full_shape = full_shape_list[index] if full_shape_list else None
             keep = (detections.scores > self.confidence_threshold).nonzero().squeeze(1)
-            masks = detections.masks[keep].cpu().numpy() if detections.masks is not None else None
+            masks = detections.masks.cpu().numpy() if detections.masks is not None else None  # rows masks[i] below
             predictions = []
-            for k, i in enumerate(keep.tolist()):
+            for i in keep.tolist():
                 label = int(detections.labels[i])
                 segmentation = None
                 if masks is not None:
                     from sahi.utils.cv import get_coco_segmentation_from_bool_mask
 
-                    segmentation = get_coco_segmentation_from_bool_mask(masks[k])
+                    segmentation = get_coco_segmentation_from_bool_mask(masks[i])
                     if not segmentation:  # a mask too small to give a polygon: keep the box alone
                         segmentation = None
                 predictions.append(ObjectPrediction(

@@ -384,7 +384,8 @@ def _to_json(
         if masks is not None:
             from cascade_rcnn.evaluation.rle import encode_masks
 
-            result["segmentation"] = encode_masks(torch.as_tensor(masks).detach().cpu()[keep])
+            masks = torch.as_tensor(masks).detach().cpu()
+            result["segmentation"] = encode_masks([masks[i] for i in torch.nonzero(keep).flatten().tolist()])
         results.append(result)
     return results
 
