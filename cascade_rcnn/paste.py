@@ -24,7 +24,8 @@ def paste_masks_array(
     probs: np.ndarray, boxes: np.ndarray, image_size: tuple[int, int], threshold: float = 0.5
 ) -> np.ndarray:
     """(D, h, w) bool masks in an (h, w) image from probabilities (D, S, S) over `boxes` (D, 4), in that image's
-    pixels. One bool mask per detection is all that is held (the float maps are one box, + 1 px, at a time)."""
+    pixels. One bool mask per detection is all that is held (the float maps are one box, + 1 px, at a time). A box
+    with a NaN or infinite coordinate gets an empty mask."""
     h, w = image_size
     probs = np.asarray(probs, dtype=np.float32)
     boxes = np.asarray(boxes, dtype=np.float32)
@@ -35,6 +36,8 @@ def paste_masks_array(
     padded[:, 1:-1, 1:-1] = probs
     with np.errstate(divide="ignore", invalid="ignore"):  # a zero-size box's inf and NaN, as in torch
         for i, box in enumerate(boxes):
+            if not np.isfinite(box).all():  # no pixel centre is inside a NaN or infinite box
+                continue
             x0, y0 = max(math.floor(box[0]) - 1, 0), max(math.floor(box[1]) - 1, 0)
             x1, y1 = min(math.ceil(box[2]) + 1, w), min(math.ceil(box[3]) + 1, h)
             if x1 <= x0 or y1 <= y0:

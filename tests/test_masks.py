@@ -127,6 +127,14 @@ def test_numpy_paste_is_grid_samples_bit_for_bit() -> None:
     assert compared > 100_000
 
 
+def test_paste_of_a_non_finite_box_is_an_empty_mask() -> None:
+    from cascade_rcnn.paste import paste_masks_array
+
+    boxes = np.array([[np.nan, 2, 9, 9], [1, 2, np.inf, 9], [-np.inf, 0, 5, 5], [1, 1, 8, 8]], np.float32)
+    masks = paste_masks_array(np.ones((4, 28, 28), np.float32), boxes, (12, 12))
+    assert not masks[:3].any() and masks[3, 1:8, 1:8].all() and masks[3].sum() == 49
+
+
 def test_resize_masks_nearest() -> None:
     masks = torch.tensor([[[1, 0], [0, 1]]], dtype=torch.uint8)
     assert resize_masks(masks, (4, 4)).equal(masks.repeat_interleave(2, 1).repeat_interleave(2, 2))
