@@ -10,19 +10,33 @@ torch) turns a dataset into a torch Dataset with flips and resizing, and groups 
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cascade_rcnn.data.coco import convert_to_coco, load_coco, write_coco
-from cascade_rcnn.data.dataset import DetectionDataset, ImageRecord
 from cascade_rcnn.data.image_io import MAX_IMAGE_PIXELS, image_size, load_image, to_rgb
-from cascade_rcnn.data.txt import load_txt
-from cascade_rcnn.data.voc import load_voc
-from cascade_rcnn.data.yolo import load_yolo
 from cascade_rcnn.errors import DatasetError
 
+if TYPE_CHECKING:
+    from cascade_rcnn.data.dataset import DetectionDataset
+
 FORMATS: tuple[str, ...] = ("coco", "voc", "yolo", "txt")
+
+# The annotation readers load when first used: image decoding alone (what `cascade_rcnn.deploy.lean` needs) imports
+# neither pycocotools nor the parsers.
+_LAZY = {
+    "convert_to_coco": "coco", "load_coco": "coco", "write_coco": "coco", "DetectionDataset": "dataset",
+    "ImageRecord": "dataset", "load_txt": "txt", "load_voc": "voc", "load_yolo": "yolo",
+}  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'cascade_rcnn.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"cascade_rcnn.data.{_LAZY[name]}"), name)
+    globals()[name] = value  # later lookups find it without this hook
+    return value
 
 
 def load_dataset(
@@ -55,11 +69,19 @@ def load_dataset(
     if names is not None and format == "coco":
         raise DatasetError("the coco format takes its class names from the JSON 'categories'; do not pass names")
     if format == "coco":
+        from cascade_rcnn.data.coco import load_coco
+
         return load_coco(annotations, images, **options)
     if format == "voc":
+        from cascade_rcnn.data.voc import load_voc
+
         return load_voc(annotations, images, split_file=split, class_names=names, **options)
     if format == "yolo":
+        from cascade_rcnn.data.yolo import load_yolo
+
         return load_yolo(images, annotations, names, **options)  # type: ignore[arg-type]
+    from cascade_rcnn.data.txt import load_txt
+
     return load_txt(annotations, images, names, **options)  # type: ignore[arg-type]
 
 
