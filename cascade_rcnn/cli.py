@@ -28,10 +28,14 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every subcommand, or of `command` alone: then only its module is imported (`serve` of an
+    exported graph thus never imports torch)."""
     parser = argparse.ArgumentParser(prog="cascade-rcnn", description="Cascade R-CNN object detection in PyTorch.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module_name in COMMANDS.items():
+        if command is not None and name != command:
+            continue
         module = importlib.import_module(f"cascade_rcnn.commands.{module_name}")
         command_parser = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(command_parser)
@@ -40,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv[0] if argv and argv[0] in COMMANDS else None).parse_args(argv)
     try:
         return int(args._run(args) or 0)
     except CascadeRCNNError as error:

@@ -94,9 +94,22 @@ def png_bomb(width: int = 50_000, height: int = 50_000) -> bytes:
 class ServerProcess:
     """`cascade-rcnn serve ... --port 0` in a subprocess; `url` from the line it prints once it listens."""
 
-    def __init__(self, weights: Path, *args: str, env: dict[str, str] | None = None) -> None:
-        command = [sys.executable, "-m", "cascade_rcnn", "serve", "--weights", str(weights), "--port", "0",
-                   "--device", "cpu", "--log-level", "warning", *args]  # fmt: skip
+    def __init__(
+        self, weights: Path, *args: str, env: dict[str, str] | None = None, without: tuple[str, ...] = ()
+    ) -> None:
+        argv = ["serve", "--weights", str(weights), "--port", "0", "--device", "cpu", "--log-level", "warning", *args]
+        command = [sys.executable, "-m", "cascade_rcnn", *argv]
+        if without:  # these packages cannot be imported in the server, as where they are not installed
+            command = [sys.executable, "-c", (
+                "import sys\n"
+                "class Absent:\n"
+                "    def find_spec(self, name, path=None, target=None):\n"
+                f"        if name.split('.')[0] in {without!r}:\n"
+                "            raise ModuleNotFoundError(f'No module named {name!r} (not installed here)')\n"
+                "sys.meta_path.insert(0, Absent())\n"
+                "from cascade_rcnn.cli import main\n"
+                f"sys.exit(main({argv!r}))\n"
+            )]  # fmt: skip
         child_env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(REPO), **(env or {})}
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                         env=child_env, cwd=REPO)  # fmt: skip
@@ -376,9 +389,9 @@ def test_api_key_and_sigterm_finishes_in_flight_requests(tiny_weights: Path) -> 
 def test_openvino_backend_serves_the_ir_as_openvino_detector_predicts(
     tiny_weights: Path, module_tmp: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`serve --backend openvino` on an exported IR: /v1/model names the backend and hashes the .xml with its .bin,
-    and /v1/detect gives `OpenVinoDetector`'s detections of the same pixels. `--bf16` with it is one line, no
-    server."""
+    """`serve --backend openvino` on an exported IR runs it with `LeanDetector`, in a server where torch, torchvision
+    and pycocotools cannot be imported: /v1/model names the backend and hashes the .xml with its .bin, and /v1/detect
+    gives `OpenVinoDetector`'s detections of the same pixels. `--bf16` with it is one line, no server."""
     httpx = require_serve()
     pytest.importorskip("openvino", reason="openvino not installed (pip install 'cascade-rcnn[openvino]')")
     pytest.importorskip("onnx", reason="onnx not installed (pip install 'cascade-rcnn[openvino]')")
@@ -388,7 +401,7 @@ def test_openvino_backend_serves_the_ir_as_openvino_detector_predicts(
     assert main(["export", "--format", "openvino", "--weights", str(tiny_weights), "--output", str(xml)]) == 0
     image = np.random.default_rng(5).integers(0, 256, (90, 120, 3), dtype=np.uint8)
     expected = OpenVinoDetector(xml).predict(image)
-    server = ServerProcess(xml, "--backend", "openvino")
+    server = ServerProcess(xml, "--backend", "openvino", without=("torch", "torchvision", "pycocotools"))
     try:
         with httpx.Client(base_url=server.url, timeout=60) as http:
             model = http.get("/v1/model").json()

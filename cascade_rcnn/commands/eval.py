@@ -40,12 +40,9 @@ from typing import Any
 
 from pycocotools.coco import COCO
 
-from cascade_rcnn.commands import positive_int
+from cascade_rcnn.commands import add_backend_argument, add_bf16_argument, backend_device, positive_int
 from cascade_rcnn.commands.predict import (
     BATCH_HELP,
-    add_backend_argument,
-    add_bf16_argument,
-    backend_device,
     coco_wh_plus_one,
     default_batch_size,
     load_for_backend,

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cascade_rcnn.commands import positive_int
+from cascade_rcnn.commands import add_backend_argument, add_bf16_argument, backend_device, positive_int
 from cascade_rcnn.config import COCO_CLASSES
 from cascade_rcnn.data.image_io import load_image
 from cascade_rcnn.errors import ConfigError, ImageReadError
@@ -94,21 +94,6 @@ def default_batch_size(detector: Any) -> int:
     return 2 if device is not None and torch.device(device).type == "cuda" else 1
 
 
-def add_bf16_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--bf16", action="store_true",
-        help="run convolutions and linear layers in bfloat16 (torch backend; fast on CPUs with AVX512-BF16 or AMX)",
-    )  # fmt: skip
-
-
-def add_backend_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--backend", choices=["torch", "onnxruntime", "openvino"], default="torch",
-        help="torch; onnxruntime: run an exported .onnx file (or export --weights on the fly) with ONNX Runtime; "
-        "openvino: run an exported or quantized OpenVINO .xml file (or export --weights on the fly)",
-    )  # fmt: skip
-
-
 def load_for_backend(args: argparse.Namespace, device: str) -> Any:
     """The detector `args` ask for: `--weights` on the torch backend (`--bf16`, `--preset`), or an exported graph (or
     weights exported on the fly) run by ONNX Runtime or OpenVINO (`--backend`)."""
@@ -120,11 +105,6 @@ def load_for_backend(args: argparse.Namespace, device: str) -> Any:
     from cascade_rcnn.deploy.backends import load_backend
 
     return load_backend(args.weights, backend, device=device, preset=args.preset)
-
-
-def backend_device(args: argparse.Namespace) -> str | None:
-    """`--device`, or the CPU for the ONNX Runtime and OpenVINO backends (which run there)."""
-    return args.device or ("cpu" if getattr(args, "backend", "torch") != "torch" else None)
 
 
 def resolve_device(device: str | None) -> str:

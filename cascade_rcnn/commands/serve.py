@@ -21,10 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from cascade_rcnn.commands import positive_int
-from cascade_rcnn.commands.predict import add_backend_argument, add_bf16_argument, backend_device, load_for_backend
+from cascade_rcnn.commands import add_backend_argument, add_bf16_argument, backend_device, positive_int
 from cascade_rcnn.errors import ConfigError
 from cascade_rcnn.serve import require_serve_dependencies
 
@@ -84,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: listening on {args.host} without --api-key: anyone who can reach this port can use the "
               "model", file=sys.stderr)  # fmt: skip
     sock = bind_socket(args.host, args.port)  # before the model loads: a taken port fails at once
-    detector = load_for_backend(args, backend_device(args))  # as `cascade-rcnn predict` chooses it
+    detector, weights_path = _load(args)
     settings = ServeSettings(
         max_batch_size=args.max_batch_size or default_max_batch_size(detector),
         max_wait_ms=args.max_wait_ms,
@@ -97,9 +95,6 @@ def run(args: argparse.Namespace) -> int:
         api_key=api_key,
     )
     _warm_up(detector)  # the first call builds the optimised copy and pages the weights in; not a client's wait
-    from cascade_rcnn.api import resolve_weights
-
-    weights_path = resolve_weights(args.weights)
     info = ModelInfo(
         preset=detector.preset,
         classes=tuple(detector.class_names),
@@ -154,11 +149,29 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _load(args: argparse.Namespace) -> tuple[Any, Path]:
+    """The detector and its weights file. An exported graph on its backend (.onnx on onnxruntime, .xml on openvino)
+    runs in `LeanDetector` (numpy and the runtime: torch is never imported into the server, which then answers in
+    about half the memory, and needs no torch installed); anything else loads as `cascade-rcnn predict` loads it."""
+    suffix = {"onnxruntime": ".onnx", "openvino": ".xml"}.get(args.backend)
+    if suffix is not None and Path(args.weights).suffix.lower() == suffix and not args.bf16:
+        if args.preset is not None:
+            raise ConfigError(f"--preset does not apply to a {suffix} file: its config was fixed at export")
+        if args.device not in (None, "cpu"):
+            raise ConfigError(f"the {args.backend} backend runs on the CPU, not {args.device}")
+        from cascade_rcnn.deploy.lean import LeanDetector
+
+        return LeanDetector(args.weights), Path(args.weights)
+    from cascade_rcnn.api import resolve_weights
+    from cascade_rcnn.commands.predict import load_for_backend
+
+    return load_for_backend(args, backend_device(args)), resolve_weights(args.weights)
+
+
 def default_max_batch_size(detector: Any) -> int:
     """4 on a GPU; 1 on the CPU, where a batch of 4 800x1333 images ran at 0.8x the per-image speed of one by one
     (`predict.default_batch_size`'s measurement), so gathering requests would only add latency."""
-    device = getattr(detector, "device", None)
-    return 4 if device is not None and torch.device(device).type == "cuda" else 1
+    return 4 if str(getattr(detector, "device", "cpu")).startswith("cuda") else 1
 
 
 def _warm_up(detector: Any) -> None:

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -366,16 +365,17 @@ def _to_json(
     xyxy boxes in original pixels, scores, labels, names, and each mask as COCO RLE for a mask model."""
     results = []
     for det, image in zip(outputs, images, strict=True):
-        scores = torch.as_tensor(det.scores).detach().cpu().reshape(-1)
-        labels = torch.as_tensor(det.labels).detach().cpu().reshape(-1).long()
+        # numpy, whichever detector: `Detector.predict` gives CPU tensors, `LeanDetector` numpy arrays.
+        scores = np.asarray(det.scores).reshape(-1)
+        labels = np.asarray(det.labels).reshape(-1).astype(np.int64)
         keep = scores >= score_threshold
         if keep_labels is not None:
-            keep &= torch.isin(labels, torch.tensor(sorted(keep_labels), dtype=torch.long))
+            keep &= np.isin(labels, sorted(keep_labels))
         kept_labels = labels[keep].tolist()
         result: dict[str, Any] = {
             "width": int(image.shape[1]),
             "height": int(image.shape[0]),
-            "boxes": torch.as_tensor(det.boxes).detach().cpu().reshape(-1, 4)[keep].tolist(),
+            "boxes": np.asarray(det.boxes).reshape(-1, 4)[keep].tolist(),
             "scores": scores[keep].tolist(),
             "labels": kept_labels,
             "names": [class_names[i] if i < len(class_names) else str(i) for i in kept_labels],
@@ -384,8 +384,7 @@ def _to_json(
         if masks is not None:
             from cascade_rcnn.evaluation.rle import encode_masks
 
-            masks = torch.as_tensor(masks).detach().cpu()
-            result["segmentation"] = encode_masks([masks[i] for i in torch.nonzero(keep).flatten().tolist()])
+            result["segmentation"] = encode_masks([masks[i] for i in np.flatnonzero(keep).tolist()])
         results.append(result)
     return results
 
