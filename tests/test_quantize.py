@@ -17,8 +17,6 @@ pytest.importorskip("nncf", reason="the int8 extra is not installed: pip install
 pytest.importorskip("openvino", reason="the int8 extra is not installed: pip install 'cascade-rcnn[int8]'")
 pytest.importorskip("onnx", reason="the int8 extra is not installed: pip install 'cascade-rcnn[int8]'")
 
-from test_export import VAL, calibrated_detector, needs_coco128
-
 
 def int8_consumers(xml: Path) -> collections.Counter[tuple[str, str]]:
     """(op type, module) of every node fed by a FakeQuantize: the nodes that run in int8."""
@@ -34,47 +32,6 @@ def int8_consumers(xml: Path) -> collections.Counter[tuple[str, str]]:
     return found
 
 
-@needs_coco128
-def test_quantize_command(tmp_path: Path) -> None:
-    from cascade_rcnn.deploy.openvino import OpenVinoDetector
-
-    det = calibrated_detector()
-    weights = det.save(tmp_path / "model.safetensors")
-    calib = tmp_path / "calib"
-    calib.mkdir()
-    for name in ("000000000724.jpg", "000000000776.jpg"):
-        (calib / name).symlink_to(VAL / name)
-    xml = tmp_path / "int8.xml"
-    assert main(["quantize", "--weights", str(weights), "--calib-images", str(calib), "--output", str(xml)]) == 0
-
-    consumers = int8_consumers(xml)
-    modules = {module for _, module in consumers}
-    # The backbone runs inside the FPN module; the box heads' three stages each have their linear layers in int8.
-    assert {"fpn", "rpn", "box_heads.0", "box_heads.1", "box_heads.2"} <= modules, modules
-    assert all(m.startswith(("fpn", "rpn", "box_heads")) for m in modules), modules
-    assert {op for op, m in consumers if m == "rpn"} == {"Convolution"}  # the head's convolutions, not the decoding
-    # The linear layers; the first one's input is quantized before its flatten (a Reshape: the same int8 values).
-    assert {op for op, m in consumers if m.startswith("box_heads")} == {"MatMul", "Reshape"}, consumers
-    assert not any(op in ("ROIAlign", "NonMaxSuppression", "TopK") for op, _ in consumers)
-
-    int8 = OpenVinoDetector(xml, threads=2)
-    assert int8.quantization == "int8" and int8.class_names == det.class_names
-    image = VAL / "000000000139.jpg"
-    ref, out = det.predict(image), int8.predict(image)
-    # The detections' contract: finite xyxy boxes, as many as fp32 gives (100).
-    # Not their values: a random-weight network is chaotic under any 8-bit rounding (rounding only the backbone's
-    # weights to int8 per channel, in PyTorch, already moves all of the fp32 top 10 below IoU 0.9), so int8
-    # accuracy is measured on trained weights (README "int8 on CPUs").
-    assert len(out) == len(ref) == 100 and torch.isfinite(out.boxes).all() and torch.isfinite(out.scores).all()
-    assert out.boxes.dtype == torch.float32 and (out.boxes[:, 2:] >= out.boxes[:, :2]).all()
-    # Inside the image, up to float32 rounding: OpenVINO's rescale (fp32 and int8 IR alike) can land one ulp past the
-    # border, 640.00006 on a 640 px image, where PyTorch and ONNX Runtime give 640.0. Not clamped: the seed's preset
-    # keeps boxes past the image, as MindSpore does.
-    height, width = to_tensor_image(image).shape[-2:]
-    assert (out.boxes >= 0).all() and (out.boxes[:, 0::2] <= width + 1e-3).all()
-    assert (out.boxes[:, 1::2] <= height + 1e-3).all()
-
-
 @pytest.fixture(scope="module")
 def trained_demo(module_tmp: Path) -> Path:
     """The demo's model trained to fit 16 synthetic images (38 epochs of 4 iterations, about a minute on 2 cores):
@@ -86,18 +43,54 @@ def trained_demo(module_tmp: Path) -> Path:
     return out
 
 
-def test_int8_keeps_a_trained_models_accuracy(trained_demo: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def demo_int8(trained_demo: Path, module_tmp: Path) -> Path:
+    """`cascade-rcnn quantize` of the trained demo model, calibrated on its 16 training images."""
+    xml = module_tmp / "int8.xml"
+    assert main(["quantize", "--weights", str(trained_demo / "model.safetensors"), "--calib-images",
+                 str(trained_demo / "data" / "train"), "--num-images", "16", "--output", str(xml)]) == 0  # fmt: skip
+    return xml
+
+
+def test_quantize_command(trained_demo: Path, demo_int8: Path) -> None:
+    """The IR `quantize` wrote (the R-50-FPN preset, narrowed by the demo) runs int8 in exactly the backbone, FPN, RPN
+    head and box heads' linear layers, and `OpenVinoDetector` runs it with the backend's contract."""
+    from cascade_rcnn.api import Detector
+    from cascade_rcnn.deploy.openvino import OpenVinoDetector
+
+    consumers = int8_consumers(demo_int8)
+    modules = {module for _, module in consumers}
+    # The backbone runs inside the FPN module; the box heads' three stages each have their linear layers in int8.
+    assert {"fpn", "rpn", "box_heads.0", "box_heads.1", "box_heads.2"} <= modules, modules
+    assert all(m.startswith(("fpn", "rpn", "box_heads")) for m in modules), modules
+    assert {op for op, m in consumers if m == "rpn"} == {"Convolution"}  # the head's convolutions, not the decoding
+    # The linear layers; the first one's input is quantized before its flatten (a Reshape: the same int8 values).
+    assert {op for op, m in consumers if m.startswith("box_heads")} == {"MatMul", "Reshape"}, consumers
+    assert not any(op in ("ROIAlign", "NonMaxSuppression", "TopK") for op, _ in consumers)
+
+    det = Detector.from_weights(trained_demo / "model.safetensors")
+    int8 = OpenVinoDetector(demo_int8, threads=2)
+    assert int8.quantization == "int8" and int8.class_names == det.class_names
+    image = sorted((trained_demo / "data" / "val").iterdir())[0]
+    out = int8.predict(image)
+    assert len(out) > 0 and torch.isfinite(out.boxes).all() and torch.isfinite(out.scores).all()
+    assert out.boxes.dtype == torch.float32 and (out.boxes[:, 2:] >= out.boxes[:, :2]).all()
+    # Inside the image, up to float32 rounding: OpenVINO's rescale (fp32 and int8 IR alike) can land one ulp past the
+    # border, where PyTorch and ONNX Runtime give the border itself.
+    height, width = to_tensor_image(image).shape[-2:]
+    assert (out.boxes >= 0).all() and (out.boxes[:, 0::2] <= width + 1e-3).all()
+    assert (out.boxes[:, 1::2] <= height + 1e-3).all()
+
+
+def test_int8_keeps_a_trained_models_accuracy(trained_demo: Path, demo_int8: Path, tmp_path: Path) -> None:
     """On trained weights int8 keeps the AP within 1 point and finds >= 90% of the float32 detections scoring >= 0.3
     again (same label, IoU > 0.9): `quantize` calibrated on the training images, `benchmark --int8-accuracy` on them
     (an agreement check between two runs of one model), `eval --backend openvino` agreeing with it. Measured: AP
     0.777 -> 0.780, 49 of 51 kept."""
     import json
 
-    weights, data = trained_demo / "model.safetensors", trained_demo / "data"
+    weights, data, xml = trained_demo / "model.safetensors", trained_demo / "data", demo_int8
     images, annotations = data / "train", data / "train.json"
-    xml = tmp_path / "int8.xml"
-    assert main(["quantize", "--weights", str(weights), "--calib-images", str(images), "--num-images", "16",
-                 "--output", str(xml)]) == 0  # fmt: skip
     figures = tmp_path / "int8.json"
     assert main(["benchmark", "--int8-accuracy", str(weights), "--int8-model", str(xml), "--images", str(images),
                  "--annotations", str(annotations), "--json", str(figures)]) == 0  # fmt: skip
