@@ -153,15 +153,12 @@ def _load(args: argparse.Namespace) -> tuple[Any, Path]:
     """The detector and its weights file. An exported graph on its backend (.onnx on onnxruntime, .xml on openvino)
     runs in `LeanDetector` (numpy and the runtime: torch is never imported into the server, which then answers in
     about half the memory, and needs no torch installed); anything else loads as `cascade-rcnn predict` loads it."""
-    suffix = {"onnxruntime": ".onnx", "openvino": ".xml"}.get(args.backend)
-    if suffix is not None and Path(args.weights).suffix.lower() == suffix and not args.bf16:
-        if args.preset is not None:
-            raise ConfigError(f"--preset does not apply to a {suffix} file: its config was fixed at export")
-        if args.device not in (None, "cpu"):
-            raise ConfigError(f"the {args.backend} backend runs on the CPU, not {args.device}")
-        from cascade_rcnn.deploy.lean import LeanDetector
+    if args.backend != "torch" and not args.bf16:  # --bf16: refused with the others by `load_for_backend`
+        from cascade_rcnn.deploy.lean import LeanDetector, exported_graph
 
-        return LeanDetector(args.weights), Path(args.weights)
+        graph = exported_graph(args.weights, args.backend, device=args.device, preset=args.preset)
+        if graph is not None:
+            return LeanDetector(graph), graph
     from cascade_rcnn.api import resolve_weights
     from cascade_rcnn.commands.predict import load_for_backend
 

@@ -24,7 +24,14 @@ import torch
 from torch import Tensor
 
 from cascade_rcnn.api import Detector
-from cascade_rcnn.deploy.lean import Meta, graph_config, graph_mask_threshold, read_onnx
+from cascade_rcnn.deploy.lean import (
+    GRAPH_SUFFIXES,
+    Meta,
+    exported_graph,
+    graph_config,
+    graph_mask_threshold,
+    read_onnx,
+)
 from cascade_rcnn.errors import CascadeRCNNError
 from cascade_rcnn.modeling.detector import build_transform, split_by_image
 from cascade_rcnn.modeling.masks import paste_per_image
@@ -117,9 +124,7 @@ def load_backend(
         return Detector.from_weights(weights, device=device or "cpu", preset=preset)
     if backend not in BACKENDS:
         raise CascadeRCNNError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
-    if device not in (None, "cpu"):
-        raise CascadeRCNNError(f"the {backend} backend runs on the CPU, not {device}")
-    suffix = ".onnx" if backend == "onnxruntime" else ".xml"
+    graph = exported_graph(weights, backend, device=device, preset=preset)
     if backend == "openvino":
         from cascade_rcnn.deploy.openvino import OpenVinoDetector, export_openvino
 
@@ -128,13 +133,12 @@ def load_backend(
         from cascade_rcnn.deploy.onnx_export import export_onnx
 
         load, export = OnnxDetector, export_onnx  # type: ignore[assignment]
-    if Path(weights).suffix.lower() == suffix:
-        if preset is not None:
-            raise CascadeRCNNError(f"--preset does not apply to a {suffix} file: its config was fixed at export")
-        return load(weights)
+    if graph is not None:
+        return load(graph)
     detector = Detector.from_weights(weights, preset=preset, optimize=False)
     with tempfile.TemporaryDirectory(prefix=f"cascade_rcnn_{backend}_") as tmp:
-        path = export(detector.model, Path(tmp) / f"model{suffix}", config=detector.config, preset=detector.preset)
+        path = export(detector.model, Path(tmp) / f"model{GRAPH_SUFFIXES[backend]}", config=detector.config,
+                      preset=detector.preset)  # fmt: skip
         del detector
         loaded = load(path)  # the runtime has read the file; the folder can go
     return loaded

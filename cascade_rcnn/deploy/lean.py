@@ -117,6 +117,25 @@ def graph_config(meta: Meta) -> ModelConfig:
     return config_from_dict(json.loads(meta("cascade_rcnn_config")))
 
 
+GRAPH_SUFFIXES = {"onnxruntime": ".onnx", "openvino": ".xml"}  # the exported file each runtime backend runs
+
+
+def exported_graph(
+    weights: str | Path, backend: str, *, device: str | None = None, preset: str | None = None
+) -> Path | None:
+    """`weights` as a path when it is the file `backend` ("onnxruntime" or "openvino") runs as it is (an exported
+    .onnx / .xml), None when it must be exported first. Refused either way: a device other than the CPU, where these
+    runtimes run; and a preset for an exported file, whose config was fixed at export."""
+    if device not in (None, "cpu"):
+        raise CascadeRCNNError(f"the {backend} backend runs on the CPU, not {device}")
+    suffix = GRAPH_SUFFIXES[backend]
+    if Path(weights).suffix.lower() != suffix:
+        return None
+    if preset is not None:
+        raise CascadeRCNNError(f"--preset does not apply to a {suffix} file: its config was fixed at export")
+    return Path(weights)
+
+
 def graph_mask_threshold(path: Path, meta: Meta, output_names: list[str]) -> float | None:
     """The threshold a mask model's graph (a `mask_probs` output) pastes its masks at; None for a box model."""
     if MASK_OUTPUT not in output_names:
