@@ -10,11 +10,11 @@ torch) turns a dataset into a torch Dataset with flips and resizing, and groups 
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cascade_rcnn import lazy_exports
 from cascade_rcnn.data.image_io import MAX_IMAGE_PIXELS, image_size, load_image, to_rgb
 from cascade_rcnn.errors import DatasetError
 
@@ -25,18 +25,12 @@ FORMATS: tuple[str, ...] = ("coco", "voc", "yolo", "txt")
 
 # The annotation readers load when first used: image decoding alone (what `cascade_rcnn.deploy.lean` needs) imports
 # neither pycocotools nor the parsers.
-_LAZY = {
-    "convert_to_coco": "coco", "load_coco": "coco", "write_coco": "coco", "DetectionDataset": "dataset",
-    "ImageRecord": "dataset", "load_txt": "txt", "load_voc": "voc", "load_yolo": "yolo",
-}  # fmt: skip
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'cascade_rcnn.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"cascade_rcnn.data.{_LAZY[name]}"), name)
-    globals()[name] = value  # later lookups find it without this hook
-    return value
+__getattr__, __dir__ = lazy_exports(globals(), {
+    name: f"cascade_rcnn.data.{module}" for name, module in {
+        "convert_to_coco": "coco", "load_coco": "coco", "write_coco": "coco", "DetectionDataset": "dataset",
+        "ImageRecord": "dataset", "load_txt": "txt", "load_voc": "voc", "load_yolo": "yolo",
+    }.items()
+})  # fmt: skip
 
 
 def load_dataset(
