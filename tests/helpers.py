@@ -33,3 +33,16 @@ def tiny_config(num_classes: int = 3, **overrides) -> ModelConfig:
     }
     settings.update(overrides)
     return get_preset("cascade_rcnn_r50_fpn", num_classes=num_classes, **settings)
+
+
+def without_packages(packages: tuple[str, ...]) -> str:
+    """Python source that, run first in a fresh process, makes every import of `packages` (and their submodules) fail
+    as on a machine where they are not installed."""
+    return (
+        "import sys\n"
+        "class Absent:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {tuple(packages)!r}:\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r} (not installed here)')\n"
+        "sys.meta_path.insert(0, Absent())\n"
+    )

@@ -18,6 +18,7 @@ from cascade_rcnn.deploy.lean import LeanDetector
 from cascade_rcnn.errors import CascadeRCNNError
 from cascade_rcnn.modeling.detector import build_transform
 from cascade_rcnn.preprocess import ArrayTransform, input_convention
+from helpers import without_packages
 
 GRAPH_INPUTS = {"images", "image_sizes", "scale_factors", "original_sizes"}
 
@@ -70,13 +71,8 @@ def run_without_torch(graph: Path, image: Path) -> list[list[float]]:
     """Detect on `image` with `LeanDetector` in a fresh Python process where torch, torchvision and pycocotools cannot
     be imported (as on a machine where they are not installed); fails if any import of them is tried. Returns each
     detection's box, score and label, and its mask's pixel count for a mask model."""
-    code = (
-        "import json, sys\n"
-        "class Absent:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('torch', 'torchvision', 'pycocotools'):\n"
-        "            raise ModuleNotFoundError(f'No module named {name!r} (not installed here)')\n"
-        "sys.meta_path.insert(0, Absent())\n"
+    code = without_packages(("torch", "torchvision", "pycocotools")) + (
+        "import json\n"
         "from cascade_rcnn.deploy.lean import LeanDetector\n"
         f"d = LeanDetector({str(graph)!r}, threads=2).predict({str(image)!r})\n"
         "areas = [[] for _ in d.boxes] if d.masks is None else [[int(m.sum())] for m in d.masks]\n"

@@ -36,7 +36,7 @@ from PIL import Image
 from cascade_rcnn import serve as serve_package
 from cascade_rcnn.cli import main
 from cascade_rcnn.structures import Detections
-from tests.helpers import REPO, tiny_config
+from tests.helpers import REPO, tiny_config, without_packages
 
 CLASS_NAMES = ("person", "car", "dog")
 API_KEY = "test-key-7f3a"
@@ -100,16 +100,8 @@ class ServerProcess:
         argv = ["serve", "--weights", str(weights), "--port", "0", "--device", "cpu", "--log-level", "warning", *args]
         command = [sys.executable, "-m", "cascade_rcnn", *argv]
         if without:  # these packages cannot be imported in the server, as where they are not installed
-            command = [sys.executable, "-c", (
-                "import sys\n"
-                "class Absent:\n"
-                "    def find_spec(self, name, path=None, target=None):\n"
-                f"        if name.split('.')[0] in {without!r}:\n"
-                "            raise ModuleNotFoundError(f'No module named {name!r} (not installed here)')\n"
-                "sys.meta_path.insert(0, Absent())\n"
-                "from cascade_rcnn.cli import main\n"
-                f"sys.exit(main({argv!r}))\n"
-            )]  # fmt: skip
+            code = f"from cascade_rcnn.cli import main\nsys.exit(main({argv!r}))\n"
+            command = [sys.executable, "-c", without_packages(without) + code]
         child_env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(REPO), **(env or {})}
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                         env=child_env, cwd=REPO)  # fmt: skip
